@@ -1,0 +1,196 @@
+"""The vLLM attention backend for turboquant_* kv_cache_dtypes.
+
+Pages are each layer's raw uint8 KV buffer viewed as [num_blocks, page_bytes] (byte layout in
+`vllm_turboquant.codec.layout`). vLLM calls `do_kv_cache_update` (encode new K/V into their slots)
+and then `forward` (attend over the pages). This module runs the pure-PyTorch codec, so it works on
+CPU and, slowly, on CUDA.
+
+Outlier channels: each layer fixes its per-KV-head outlier split from the first real K/V it writes
+(dummy/profiling runs write only slot -1 and are ignored). Every page in the cache is written after
+that moment with that split, and the split never changes for the engine's lifetime, so pages reused
+by prefix caching or read after preemption/resume always decode with the split they were written with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
+                                       AttentionLayer, AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata, MultipleOf)
+
+from ..codec import LayerKVCodec, dense_attention, page_layout, paged_attention
+from ..codec.formats import FORMATS, SUPPORTED_HEAD_SIZES, is_turboquant_dtype
+from ..codec.layout import BLOCK_SIZE_MULTIPLE
+
+
+class TurboQuantBackend(AttentionBackend):
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(FORMATS)
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # registered as AttentionBackendEnum.CUSTOM
+
+    @staticmethod
+    def get_impl_cls() -> type["TurboQuantImpl"]:
+        return TurboQuantImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["TurboQuantMetadataBuilder"]:
+        return TurboQuantMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(BLOCK_SIZE_MULTIPLE)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_SIZES)
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        # One flat page per block; the codec's layout addresses bytes inside it. -1 lets the view
+        # infer page_bytes, which vLLM has already sized exactly through TQFullAttentionSpec.
+        if is_turboquant_dtype(cache_dtype_str):
+            lay = page_layout(cache_dtype_str, head_size, block_size, num_kv_heads)
+            return (num_blocks, lay.page_bytes)
+        return (num_blocks, -1)
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
+        return is_turboquant_dtype(kv_cache_dtype)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+
+@dataclass
+class TurboQuantMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor      # [num_reqs + 1], on the host (the torch path loops on it)
+    seq_lens: torch.Tensor             # [num_reqs], on the host
+    block_table: torch.Tensor          # [num_reqs, max_blocks]
+    slot_mapping: torch.Tensor         # [num_tokens]
+    causal: bool = True
+
+
+class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
+    # The torch path reads sequence lengths on the host every step: no CUDA graphs.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TurboQuantMetadata:
+        cam = common_attn_metadata
+        return TurboQuantMetadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            max_query_len=cam.max_query_len,
+            max_seq_len=cam.max_seq_len,
+            query_start_loc=cam.query_start_loc_cpu,
+            seq_lens=cam.seq_lens_cpu,
+            block_table=cam.block_table_tensor,
+            slot_mapping=cam.slot_mapping,
+            causal=bool(cam.causal) if not isinstance(cam.causal, torch.Tensor) else True,
+        )
+
+
+class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
+    supports_quant_query_input: bool = False
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **kwargs) -> None:
+        if not is_turboquant_dtype(kv_cache_dtype):
+            raise ValueError(f"TurboQuantImpl got kv_cache_dtype={kv_cache_dtype!r}")
+        if alibi_slopes is not None or logits_soft_cap:
+            raise ValueError("TurboQuant attention does not support ALiBi or logits soft-capping; "
+                             "use kv_cache_dtype='auto' or 'fp8' for this model.")
+        if attn_type != AttentionType.DECODER:
+            raise ValueError(f"TurboQuant compresses decoder self-attention only, got {attn_type}.")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.sliding_window = sliding_window
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.codec: LayerKVCodec | None = None  # built at the first write, once block_size is known
+
+    def _codec_for(self, kv_cache: torch.Tensor, block_size: int) -> LayerKVCodec:
+        if self.codec is None:
+            lay = page_layout(self.kv_cache_dtype, self.head_size, block_size, self.num_kv_heads)
+            self.codec = LayerKVCodec(lay)
+        return self.codec
+
+    def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if kv_cache.numel() == 0:
+            return
+        codec = self._codec_for(kv_cache, self._kv_block_size(kv_cache))
+        n = slot_mapping.shape[0]
+        key, value = key[:n], value[:n]
+        if not codec.calibrated:
+            valid = slot_mapping >= 0
+            if not bool(valid.any()):
+                return  # a dummy run: nothing to store, nothing to learn from
+            codec.calibrate(key[valid], value[valid])
+        codec.write(kv_cache.view(kv_cache.shape[0], -1), slot_mapping, key, value)
+
+    def _kv_block_size(self, kv_cache: torch.Tensor) -> int:
+        # page_bytes = block_size · num_kv_heads · slot_bytes; recover block_size from the view.
+        slot = FORMATS[self.kv_cache_dtype].bytes_per_token_head(self.head_size)
+        page_bytes = kv_cache[0].numel()
+        return page_bytes // (self.num_kv_heads * slot)
+
+    def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: TurboQuantMetadata,
+                output: torch.Tensor | None = None, output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        assert output is not None, "TurboQuant attention writes into vLLM's output buffer"
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by TurboQuant")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        m = attn_metadata
+        n = m.num_actual_tokens
+        q = query[:n]
+        if m.max_query_len > 1 and bool((m.seq_lens == m.query_start_loc.diff()).all()) and key is not None:
+            # Every sequence is a fresh prefill with no cached context: attend to the exact K/V
+            # just computed (as FlashAttention would on bf16). Tokens that read earlier context
+            # always go through the compressed pages.
+            out = self._fresh_prefill(q, key[:n], value[:n], m)
+        else:
+            codec = self._codec_for(kv_cache, self._kv_block_size(kv_cache))
+            out = paged_attention(codec, q, kv_cache.view(kv_cache.shape[0], -1), m.block_table,
+                                  m.seq_lens, m.query_start_loc, self.scale, m.causal,
+                                  self.sliding_window)
+        output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
+        return output
+
+    def _fresh_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       m: TurboQuantMetadata) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        starts = m.query_start_loc.tolist()
+        for a, b in zip(starts[:-1], starts[1:]):
+            if b > a:
+                out[a:b] = dense_attention(q[a:b], k[a:b], v[a:b], self.scale, m.causal,
+                                           self.sliding_window)
+        return out

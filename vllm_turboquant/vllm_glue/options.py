@@ -1,0 +1,27 @@
+"""User options that are not kv_cache_dtype strings (environment variables, documented in README).
+
+TURBOQUANT_BF16_FIRST_LAYERS=N   keep the first N decoder layers' KV cache in bf16 (default 0)
+TURBOQUANT_BF16_LAST_LAYERS=N    keep the last N decoder layers' KV cache in bf16 (default 0)
+All layers are compressed by default; fragile models sometimes need their first/last layers exact.
+"""
+from __future__ import annotations
+
+import os
+
+
+def _int_env(name: str) -> int:
+    raw = os.environ.get(name, "0").strip() or "0"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a non-negative integer, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value}")
+    return value
+
+
+def bf16_layer_indices(num_layers: int) -> list[int]:
+    first = _int_env("TURBOQUANT_BF16_FIRST_LAYERS")
+    last = _int_env("TURBOQUANT_BF16_LAST_LAYERS")
+    keep = set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers))
+    return sorted(keep)
