@@ -13,3 +13,20 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+_MEASUREMENTS: list[str] = []
+
+
+@pytest.fixture
+def report():
+    """Record a measured number; all of them are printed in the run's summary (visible in CI).
+    (capsys would replace sys.stdout, whose real file descriptor vLLM needs.)"""
+    return _MEASUREMENTS.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MEASUREMENTS:
+        terminalreporter.section("TurboQuant measurements")
+        for line in _MEASUREMENTS:
+            terminalreporter.write_line(line)

@@ -50,6 +50,8 @@ def attend_packed(codec: LayerKVCodec, query: torch.Tensor, rows: dict[str, torc
     kc, vc = codec.key, codec.value
 
     q_rot = kc.rotate(query.float().view(tq, h, g, d).transpose(1, 2), codec.key_perm)  # [Tq, G, H, d]
+    # Keys are stored centred (k - μ): q·μ is the same for every key of a query, so it cancels in
+    # the softmax and the scores use the centred keys as they are.
     scores = torch.einsum("tghd,lhd->hgtl", q_rot, kc.mse_rotated(qk))
     if kc.fmt.has_qjl:
         sq = q_rot @ kc.qjl.to(q_rot.device).T                        # S·q, once per query
@@ -60,7 +62,7 @@ def attend_packed(codec: LayerKVCodec, query: torch.Tensor, rows: dict[str, torc
     scores = scores.masked_fill(~_mask(tq, length, causal, sliding_window, query.device), -math.inf)
     p = torch.softmax(scores, dim=-1)
     acc = torch.einsum("hgtl,lhd->tghd", p, vc.dequantize_rotated(qv))  # rotated value domain
-    out = vc.unrotate(acc, codec.value_perm)                             # rotate back once
+    out = vc.unrotate(acc, codec.value_perm) + codec.value_mean.to(acc.device)  # rotate back once
     return out.transpose(1, 2).reshape(tq, hq, d)
 
 

@@ -1,7 +1,11 @@
 """One layer's KV cache codec: encode K/V into paged bytes, read them back, decode.
 
-`LayerKVCodec` owns the per-(layer, KV head) channel splits (see outliers.py). The cache it works on
-is the layer's raw uint8 buffer viewed as [num_blocks, page_bytes]; slots are vLLM's flat slot
+`LayerKVCodec` owns the per-(layer, KV head) state fixed at calibration: the channel splits (see
+outliers.py) and the per-head means removed before quantizing. Removing the key mean μ is free for
+attention (softmax is invariant to the per-query constant q·μ, so scores use centred keys directly);
+the value mean is added back once to the attention output (Σ p = 1). Neither costs page bytes.
+
+The cache it works on is the layer's raw uint8 buffer viewed as [num_blocks, page_bytes]; slots are vLLM's flat slot
 indices (block · block_size + offset), and slot -1 (padding) is skipped.
 """
 from __future__ import annotations
@@ -25,14 +29,21 @@ def _bytes_norm(b: torch.Tensor) -> torch.Tensor:
 
 
 class LayerKVCodec:
-    def __init__(self, layout: PageLayout, seed: int = DEFAULT_SEED, norm_correction: bool = True):
+    def __init__(self, layout: PageLayout, seed: int = DEFAULT_SEED, norm_correction: bool = True,
+                 center_keys: bool = True, center_values: bool = False,
+                 qjl_decode: str = "min_mse"):
         check_head_size(layout.head_dim)
         self.layout = layout
-        self.key = tensor_codec(layout.format.key, layout.head_dim, seed, "k", norm_correction)
-        self.value = tensor_codec(layout.format.value, layout.head_dim, seed, "v", norm_correction)
+        self.key = tensor_codec(layout.format.key, layout.head_dim, seed, "k", norm_correction,
+                                qjl_decode)
+        self.value = tensor_codec(layout.format.value, layout.head_dim, seed, "v", norm_correction,
+                                  qjl_decode)
         h, d = layout.num_kv_heads, layout.head_dim
         self.key_perm = default_split(d, h)
         self.value_perm = default_split(d, h)
+        self.key_mean = torch.zeros(h, d)
+        self.value_mean = torch.zeros(h, d)
+        self.center_keys, self.center_values = center_keys, center_values
         self.calibrated = False
 
     # --- channel splits -----------------------------------------------------------------------
@@ -40,8 +51,14 @@ class LayerKVCodec:
         """Fix the outlier channels from observed post-RoPE keys/values [N, H, d]. Once only."""
         if self.calibrated:
             return
-        self.key_perm = split_from_vectors(key).to(key.device)
-        self.value_perm = split_from_vectors(value).to(value.device)
+        if self.center_keys:
+            self.key_mean = key.float().mean(dim=0)
+        if self.center_values:
+            self.value_mean = value.float().mean(dim=0)
+        self.key_perm = split_from_vectors(key.float() - self.key_mean.to(key.device))
+        self.value_perm = split_from_vectors(value.float() - self.value_mean.to(value.device))
+        self.key_mean, self.value_mean = self.key_mean.to(key.device), self.value_mean.to(key.device)
+        self.key_perm, self.value_perm = self.key_perm.to(key.device), self.value_perm.to(key.device)
         self.calibrated = True
 
     def set_splits(self, key_perm: torch.Tensor, value_perm: torch.Tensor) -> None:
@@ -73,6 +90,8 @@ class LayerKVCodec:
 
     def encode(self, key: torch.Tensor, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """key, value [N, H, d] → {region name: uint8 [N, H, row_bytes]}."""
+        key = key.float() - self.key_mean.to(key.device)
+        value = value.float() - self.value_mean.to(value.device)
         rows = self._pack("k", self.key, self.key.quantize(key, self.key_perm))
         rows.update(self._pack("v", self.value, self.value.quantize(value, self.value_perm)))
         return rows
@@ -83,7 +102,9 @@ class LayerKVCodec:
     def decode(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """{region: uint8 [N, H, row]} → key, value [N, H, d] float32 (original channel order)."""
         qk, qv = self.unpack(rows)
-        return self.key.dequantize(qk, self.key_perm), self.value.dequantize(qv, self.value_perm)
+        key = self.key.dequantize(qk, self.key_perm) + self.key_mean.to(qk.codes_o.device)
+        value = self.value.dequantize(qv, self.value_perm) + self.value_mean.to(qv.codes_o.device)
+        return key, value
 
     # --- pages ----------------------------------------------------------------------------------
     def write(self, cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,

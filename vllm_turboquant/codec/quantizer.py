@@ -5,6 +5,11 @@ Data flow for one vector x of head_dim d (per KV head h, with that head's channe
     MSE:      codes_g = argmin_c |x_rot_g/||x_g|| - c|, gamma_g = ||x_g|| / ||c[codes_g]||   (norm correction)
     prod:     r = x_rot - x̃_rot, signs = sign(S · r), rnorm = ||r||
     estimate: <q, x> ≈ <q_rot, x̃_rot> + C · rnorm · <S · q_rot, signs>
+The decode constant C is a choice made at read time (the stored bits are the same):
+    "unbiased": C = qjl_constant(d) ≈ √(π/2)/√d — the paper's unbiased estimator;
+    "min_mse":  C = 1/(d · qjl_constant(d)) ≈ √(2/π)/√d — E[r | signs] for isotropic r, i.e. the
+                unbiased term shrunk by ≈ 2/π. Lower variance, lower attention error (measured in
+                bench/codec_quality.py), so the serving default.
 Everything is computed in float32 on the tensors' device.
 """
 from __future__ import annotations
@@ -65,18 +70,29 @@ class QuantizedVectors:
     rnorm: torch.Tensor | None = None  # fp16 [..., H]                (prod only)
 
 
+QJL_DECODES = ("unbiased", "min_mse")
+
+
+def qjl_decode_scale(head_dim: int, mode: str) -> float:
+    if mode == "unbiased":
+        return qjl_constant(head_dim)
+    if mode == "min_mse":
+        return 1.0 / (head_dim * qjl_constant(head_dim))
+    raise ValueError(f"qjl_decode must be one of {QJL_DECODES}, got {mode!r}")
+
+
 class TensorCodec:
     """Encodes K or V vectors of one head_dim in one TensorFormat."""
 
     def __init__(self, fmt: TensorFormat, head_dim: int, seed: int = DEFAULT_SEED, tag: str = "k",
-                 norm_correction: bool = True):
+                 norm_correction: bool = True, qjl_decode: str = "unbiased"):
         self.fmt, self.head_dim = fmt, head_dim
         self.n_o, self.n_r = split_sizes(head_dim)
         self.outlier = GroupQuantizer(self.n_o, fmt.outlier_bits, seed, f"{tag}_outlier", norm_correction)
         self.regular = GroupQuantizer(self.n_r, fmt.regular_bits, seed, f"{tag}_regular", norm_correction)
         if fmt.has_qjl:
             self.qjl = qjl_matrix(head_dim, seed).to(torch.float32)
-            self.qjl_scale = qjl_constant(head_dim)
+            self.qjl_scale = qjl_decode_scale(head_dim, qjl_decode)
 
     # --- the orthogonal map between the original and the rotated domain -------------------------
     def rotate(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -127,6 +143,6 @@ class TensorCodec:
 
 @functools.lru_cache(maxsize=None)
 def tensor_codec(fmt: TensorFormat, head_dim: int, seed: int = DEFAULT_SEED, tag: str = "k",
-                 norm_correction: bool = True) -> TensorCodec:
+                 norm_correction: bool = True, qjl_decode: str = "unbiased") -> TensorCodec:
     """Shared, cached TensorCodec (rotations and codebooks are built once per process)."""
-    return TensorCodec(fmt, head_dim, seed, tag, norm_correction)
+    return TensorCodec(fmt, head_dim, seed, tag, norm_correction, qjl_decode)

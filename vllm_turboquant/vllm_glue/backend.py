@@ -23,6 +23,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from ..codec import LayerKVCodec, dense_attention, page_layout, paged_attention
 from ..codec.formats import FORMATS, SUPPORTED_HEAD_SIZES, is_turboquant_dtype
 from ..codec.layout import BLOCK_SIZE_MULTIPLE
+from . import options
 
 
 class TurboQuantBackend(AttentionBackend):
@@ -137,7 +138,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
     def _codec_for(self, kv_cache: torch.Tensor, block_size: int) -> LayerKVCodec:
         if self.codec is None:
             lay = page_layout(self.kv_cache_dtype, self.head_size, block_size, self.num_kv_heads)
-            self.codec = LayerKVCodec(lay)
+            self.codec = LayerKVCodec(lay, qjl_decode=options.qjl_decode(),
+                                      center_keys=options.center_keys())
         return self.codec
 
     def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor,

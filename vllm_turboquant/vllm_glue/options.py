@@ -2,7 +2,10 @@
 
 TURBOQUANT_BF16_FIRST_LAYERS=N   keep the first N decoder layers' KV cache in bf16 (default 0)
 TURBOQUANT_BF16_LAST_LAYERS=N    keep the last N decoder layers' KV cache in bf16 (default 0)
+TURBOQUANT_QJL_DECODE=min_mse    decode constant for QJL keys: min_mse (default) or unbiased
+TURBOQUANT_CENTER_KEYS=1         remove each KV head's key mean before quantizing (default 1)
 All layers are compressed by default; fragile models sometimes need their first/last layers exact.
+Every process reads the same environment, so API server, engine core and workers agree.
 """
 from __future__ import annotations
 
@@ -25,3 +28,19 @@ def bf16_layer_indices(num_layers: int) -> list[int]:
     last = _int_env("TURBOQUANT_BF16_LAST_LAYERS")
     keep = set(range(min(first, num_layers))) | set(range(max(num_layers - last, 0), num_layers))
     return sorted(keep)
+
+
+def qjl_decode() -> str:
+    from ..codec.quantizer import QJL_DECODES
+
+    mode = os.environ.get("TURBOQUANT_QJL_DECODE", "min_mse").strip() or "min_mse"
+    if mode not in QJL_DECODES:
+        raise ValueError(f"TURBOQUANT_QJL_DECODE must be one of {QJL_DECODES}, got {mode!r}")
+    return mode
+
+
+def center_keys() -> bool:
+    raw = os.environ.get("TURBOQUANT_CENTER_KEYS", "1").strip().lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise ValueError(f"TURBOQUANT_CENTER_KEYS must be 0 or 1, got {raw!r}")
+    return raw in ("1", "true", "yes", "")

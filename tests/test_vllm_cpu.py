@@ -1,0 +1,156 @@
+"""TurboQuant through vLLM's LLM() on the CPU with a real model (SmolLM2-135M, head_dim 64).
+
+Quality is measured where compression acts: prefill is split into 64-token chunks, so every chunk
+after the first attends to earlier tokens through the compressed pages, as decode does.
+"""
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm import SamplingParams  # noqa: E402
+
+from vllm_turboquant.codec import FORMATS  # noqa: E402
+from vllm_turboquant.quality import corpus, hf_sim, metrics, prompt_logprobs, schemes  # noqa: E402
+from vllm_turboquant.models import smollm2_path  # noqa: E402
+
+from .vllm_support import CHUNK, dummy_llama, engine, kv_capacity_tokens  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MIN_TOP1 = {"turboquant_3.5": 0.75, "turboquant_3.5_mse": 0.75,
+            "turboquant_2.5": 0.55, "turboquant_2.5_mse": 0.55}
+TEXT_TOKENS = 1088       # ≥ 1,000 tokens of real text, 17 chunks
+PREFIX_TOKENS = 640      # shared prefix (≥ 512) for the prefix-caching check
+LOGPROBS = 20
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+def logprob_params(**kw):
+    # detokenize=False: on a prefix-cache hit vLLM 0.26 fills the cached positions' prompt logprobs
+    # with uninitialised ids (which the detokenizer chokes on); only computed positions are used.
+    return SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=LOGPROBS, detokenize=False,
+                          **kw)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path()))
+    main, other = corpus.token_windows(tok, 2, TEXT_TOKENS)
+    prefix = main[:PREFIX_TOKENS]
+    return {"main": main,
+            "prefix_a": prefix + other[:200],
+            "prefix_b": prefix + other[200:600]}
+
+
+def run_format(kv_cache_dtype, texts):
+    """Everything one engine measures. The long text goes first so the outlier split is
+    calibrated on its first chunk, as in the codec-only simulation."""
+    with engine(kv_cache_dtype, enable_prefix_caching=True) as llm:
+        prompt = lambda ids: {"prompt_token_ids": ids}  # noqa: E731
+        main = llm.generate([prompt(texts["main"])], logprob_params())[0]
+        paris = llm.generate(["The capital of France is"], GREEDY)[0].outputs[0].text
+        llm.generate([prompt(texts["prefix_a"])], SamplingParams(max_tokens=1))
+        b = llm.generate([prompt(texts["prefix_b"])],
+                         logprob_params(skip_reading_prefix_cache=False))[0]
+        return {"main": main.prompt_logprobs, "paris": paris, "b": b.prompt_logprobs,
+                "b_cached": b.num_cached_tokens,  # vLLM's prefix-cache hit count for B
+                "capacity": kv_capacity_tokens(llm)}
+
+
+@pytest.fixture(scope="module")
+def reference(texts):
+    return run_format("auto", texts)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    model, _ = hf_sim.load_model(str(smollm2_path()))
+    return model
+
+
+def codec_prediction(hf_model, ids, fmt):
+    ref = hf_sim.Simulation(hf_model, None).logits(ids)
+    # Same regime as the engine: outliers calibrated on the first chunk, which is a fresh prefill.
+    test = hf_sim.Simulation(hf_model, schemes.TurboQuant(fmt, fmt), calib_tokens=CHUNK,
+                             fresh_prefill_tokens=CHUNK).logits(ids)
+    agreement = metrics.Agreement()
+    agreement.add(ref[:-1], test[:-1], torch.tensor(ids[1:]))
+    return agreement
+
+
+def test_bf16_reference_is_sane(reference):
+    assert reference["paris"].startswith(" Paris")
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_format_end_to_end(fmt, texts, reference, hf_model, report):
+    got = run_format(fmt, texts)
+
+    # Coherent greedy generation.
+    assert got["paris"].startswith(" Paris"), got["paris"]
+
+    # Decode-regime quality vs the bf16 cache, and vs what the codec alone predicts.
+    q = prompt_logprobs.compare(reference["main"], got["main"])
+    pred = codec_prediction(hf_model, texts["main"], fmt)
+    report(f"[{fmt}] vLLM CPU: top-1 {q.top1:.3f}, KL(top-{LOGPROBS}) {q.kl_topk:.4f} over "
+              f"{q.positions} positions | codec-only prediction: top-1 {pred.top1_agreement:.3f}, "
+              f"KL {pred.mean_kl:.4f}, PPL {pred.ppl:.2f}")
+    assert q.positions >= 1000
+    assert q.top1 >= MIN_TOP1[fmt]
+    assert abs(q.top1 - pred.top1_agreement) <= 0.03
+
+    # Prefix caching over compressed pages: the second request reuses ≥ 512 cached tokens and the
+    # tokens it computes (attending through those pages) keep the same quality.
+    assert got["b_cached"] >= 512
+    computed = len(texts["prefix_b"]) - got["b_cached"] - 1  # positions B computed itself
+    qb = prompt_logprobs.compare(reference["b"], got["b"], last=computed)
+    report(f"[{fmt}] after a {got['b_cached']}-token prefix hit: top-1 {qb.top1:.3f} over "
+              f"{qb.positions} positions")
+    assert qb.positions >= 300 and qb.top1 >= MIN_TOP1[fmt]
+
+    # Capacity follows the byte ratio (bf16: 4·d bytes per token and KV head).
+    ratio = got["capacity"] / reference["capacity"]
+    assert ratio == pytest.approx(FORMATS[fmt].compression_vs_bf16(64), rel=0.02)
+
+
+def test_preemption_and_resume_give_the_same_answers(texts, monkeypatch):
+    """4 requests that grow to 4 blocks of 128 tokens each share a budget of 9 blocks, so running
+    requests are preempted while decoding. Resumed requests read their compressed pages back (prefix
+    cache) or recompute them, and must answer exactly as an unconstrained engine does."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    preempted = []
+    original = Scheduler._preempt_request  # the engine core runs in this process in tests
+
+    def counting(self, request, timestamp):
+        preempted.append(request.request_id)
+        return original(self, request, timestamp)
+
+    monkeypatch.setattr(Scheduler, "_preempt_request", counting)
+    prompts = [{"prompt_token_ids": texts["main"][i * 200: i * 200 + 200]} for i in range(4)]
+    params = SamplingParams(max_tokens=192, temperature=0, ignore_eos=True)
+    with engine("turboquant_3.5", max_model_len=1024) as llm:
+        free = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert not preempted
+    with engine("turboquant_3.5", max_model_len=1024, num_gpu_blocks_override=9) as llm:
+        tight = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert len(preempted) > 0
+    assert [list(t) for t in tight] == [list(f) for f in free]
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_capacity_at_larger_head_sizes(head_dim, tmp_path, report):
+    model = dummy_llama(tmp_path, head_dim)
+    caps = {}
+    for dtype in ("auto", "turboquant_3.5"):
+        with engine(dtype, model=model, load_format="dummy", skip_tokenizer_init=True) as llm:
+            caps[dtype] = kv_capacity_tokens(llm)
+    ratio = caps["turboquant_3.5"] / caps["auto"]
+    report(f"[head_dim {head_dim}] KV capacity bf16 {caps['auto']:,} vs turboquant_3.5 "
+              f"{caps['turboquant_3.5']:,} tokens: {ratio:.3f}x")
+    assert ratio == pytest.approx(FORMATS["turboquant_3.5"].compression_vs_bf16(head_dim), rel=0.02)
+    if head_dim == 128:
+        assert ratio >= 4.4

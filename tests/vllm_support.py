@@ -1,0 +1,51 @@
+"""Shared helpers for tests that run vLLM on the CPU with the built-in SmolLM2."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+from pathlib import Path
+
+from vllm_turboquant.models import smollm2_path
+
+CHUNK = 64  # max_num_batched_tokens: later chunks attend to earlier ones through the cache
+
+
+@contextlib.contextmanager
+def engine(kv_cache_dtype: str, model: str | None = None, **kwargs):
+    from vllm import LLM
+
+    args = dict(model=model or str(smollm2_path()), kv_cache_dtype=kv_cache_dtype,
+                enforce_eager=True, max_model_len=2048, max_num_batched_tokens=CHUNK,
+                enable_chunked_prefill=True, disable_log_stats=False, seed=0)
+    args.update(kwargs)
+    llm = LLM(**args)
+    try:
+        yield llm
+    finally:
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def kv_capacity_tokens(llm) -> int:
+    cache = llm.llm_engine.vllm_config.cache_config
+    return cache.num_gpu_blocks * cache.block_size
+
+
+def dummy_llama(tmp: Path, head_dim: int) -> str:
+    """A tiny Llama config with the given head_dim, for load_format='dummy' (no weights)."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
+           "intermediate_size": 1024, "num_attention_heads": 512 // head_dim * 2,
+           "num_key_value_heads": 2, "head_dim": head_dim, "num_hidden_layers": 2,
+           "vocab_size": 1024, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+           "rope_theta": 10000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+    path = tmp / f"llama_d{head_dim}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

@@ -1,0 +1,1 @@
+"""Quality measurement: built-in text, KV quantization schemes, teacher-forced simulation, metrics."""
