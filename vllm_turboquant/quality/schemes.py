@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..codec import FORMATS, LayerKVCodec, lloyd_max_centroids, page_layout, random_rotation
+from ..codec import (FORMATS, LayerKVCodec, default_split, lloyd_max_centroids, page_layout,
+                     random_rotation)
 
 
 class LayerQuantizer:
@@ -52,11 +53,15 @@ class Bf16(Scheme):
 
 # --- ours -----------------------------------------------------------------------------------------
 class _TurboQuant(LayerQuantizer):
-    def __init__(self, codec: LayerKVCodec):
-        self.codec = codec
+    def __init__(self, codec: LayerKVCodec, calibrate_outliers: bool = True):
+        self.codec, self.calibrate_outliers = codec, calibrate_outliers
 
     def calibrate(self, key, value):
         self.codec.calibrate(key, value)
+        if not self.calibrate_outliers:  # ablation: keep the data-free default split
+            lay = self.codec.layout
+            self.codec.key_perm = default_split(lay.head_dim, lay.num_kv_heads).to(key.device)
+            self.codec.value_perm = default_split(lay.head_dim, lay.num_kv_heads).to(key.device)
 
     def roundtrip(self, key, value):
         return self.codec.decode(self.codec.encode(key, value))
@@ -69,13 +74,15 @@ class TurboQuant(Scheme):
     format: str = "turboquant_3.5"
     qjl_decode: str = "min_mse"
     center_keys: bool = True
+    calibrate_outliers: bool = True
 
     def bytes_per_token_head(self, head_dim):
         return FORMATS[self.format].bytes_per_token_head(head_dim)
 
     def layer(self, head_dim, num_kv_heads):
         lay = page_layout(self.format, head_dim, 16, num_kv_heads)
-        return _TurboQuant(LayerKVCodec(lay, qjl_decode=self.qjl_decode, center_keys=self.center_keys))
+        codec = LayerKVCodec(lay, qjl_decode=self.qjl_decode, center_keys=self.center_keys)
+        return _TurboQuant(codec, self.calibrate_outliers)
 
 
 def paper_recipe(fmt: str) -> TurboQuant:
@@ -157,3 +164,16 @@ class Upstream4bitNC(Scheme):
 
 def standard_schemes() -> list[Scheme]:
     return [Fp8(), Upstream4bitNC()] + [TurboQuant(n, n) for n in FORMATS]
+
+
+def benchmark_schemes() -> list[Scheme]:
+    """Baselines, the paper's recipe and our serving defaults for every format, and ablations."""
+    out: list[Scheme] = [Fp8("fp8_e4m3 (amax scale)"), Fp8("fp8_e4m3 (scale 1, vLLM)", 1.0),
+                         Upstream4bitNC()]
+    for fmt in FORMATS:
+        out += [paper_recipe(fmt), TurboQuant(fmt, fmt)]
+    out.append(TurboQuant("turboquant_3.5_mse (default outlier split)", "turboquant_3.5_mse",
+                          calibrate_outliers=False))
+    out.append(TurboQuant("turboquant_3.5 (unbiased QJL, centred)", "turboquant_3.5",
+                          qjl_decode="unbiased"))
+    return out
