@@ -67,3 +67,17 @@ def test_sliding_window_and_causal_masks(gen):
     # The last query (position 39) sees exactly positions 32..39.
     last = dense_attention(q[2:], k_hat[32:], v_hat[32:], 0.125, causal=False)
     torch.testing.assert_close(out[2:], last, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_never_reads_blocks_before_the_window(gen):
+    # vLLM frees blocks that slid out of the window (they may be reused or hold garbage).
+    codec = LayerKVCodec(page_layout("turboquant_3.5", 64, 16, 1))
+    cache, table, dense = build_cache(codec, [70], gen)
+    q = torch.randn(1, 2, 64, generator=gen)
+    want = paged_attention(codec, q, cache, table, torch.tensor([70]), torch.tensor([0, 1]), 0.125,
+                           sliding_window=20)
+    cache[table[0, :3].long()] = 0xFF  # positions 0..47 become NaN norms / junk codes
+    got = paged_attention(codec, q, cache, table, torch.tensor([70]), torch.tensor([0, 1]), 0.125,
+                          sliding_window=20)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)

@@ -14,7 +14,7 @@ from vllm_turboquant.codec import FORMATS  # noqa: E402
 from vllm_turboquant.quality import corpus, hf_sim, metrics, prompt_logprobs, schemes  # noqa: E402
 from vllm_turboquant.models import smollm2_path  # noqa: E402
 
-from .vllm_support import CHUNK, dummy_llama, engine, kv_capacity_tokens  # noqa: E402
+from .vllm_support import CHUNK, dummy_gemma3, dummy_llama, engine, kv_capacity_tokens  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -154,3 +154,21 @@ def test_capacity_at_larger_head_sizes(head_dim, tmp_path, report):
     assert ratio == pytest.approx(FORMATS["turboquant_3.5"].compression_vs_bf16(head_dim), rel=0.02)
     if head_dim == 128:
         assert ratio >= 4.4
+
+
+def test_sliding_window_layers_are_compressed_too(tmp_path, report):
+    """Gemma-3's shape: sliding-window layers get TurboQuant pages of the same size as the global
+    layers, so vLLM's hybrid allocator groups them; a 700-token prompt slides past the window."""
+    model = dummy_gemma3(tmp_path)
+    prompt = {"prompt_token_ids": list(range(10, 710))}
+    params = SamplingParams(max_tokens=8, temperature=0, detokenize=False)
+    got = {}
+    for dtype in ("auto", "turboquant_3.5"):
+        with engine(dtype, model=model, load_format="dummy", skip_tokenizer_init=True) as llm:
+            tokens = llm.generate([prompt], params)[0].outputs[0].token_ids
+            got[dtype] = (kv_capacity_tokens(llm), len(tokens))
+    ratio = got["turboquant_3.5"][0] / got["auto"][0]
+    report(f"[gemma3 shape, sliding windows] KV capacity bf16 {got['auto'][0]:,} vs "
+           f"turboquant_3.5 {got['turboquant_3.5'][0]:,} tokens: {ratio:.3f}x")
+    assert got["turboquant_3.5"][1] == 8
+    assert ratio == pytest.approx(FORMATS["turboquant_3.5"].compression_vs_bf16(256), rel=0.02)

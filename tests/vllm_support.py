@@ -48,4 +48,20 @@ def dummy_llama(tmp: Path, head_dim: int) -> str:
     return str(path)
 
 
+def dummy_gemma3(tmp: Path) -> str:
+    """Gemma-3-270M's attention shape (head_dim 256, 1 KV head, 512-token sliding windows on 5 of
+    every 6 layers), without weights."""
+    cfg = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 640,
+           "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1,
+           "head_dim": 256, "num_hidden_layers": 6, "vocab_size": 1024,
+           "max_position_embeddings": 32768, "sliding_window": 512,
+           "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+           "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256,
+           "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16"}
+    path = tmp / "gemma3_shape"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

@@ -27,10 +27,13 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return torch.einsum("hgtl,lhd->thgd", p, value.float()).reshape(tq, hq, d)
 
 
-def _mask(tq: int, length: int, causal: bool, window: int | None, device) -> torch.Tensor:
+def _mask(tq: int, length: int, causal: bool, window: int | None, device,
+          key_start: int = 0) -> torch.Tensor:
+    """[tq, length - key_start] keys allowed for the last tq positions of a length-token sequence,
+    for keys at positions key_start..length-1."""
     pos_q = torch.arange(length - tq, length, device=device).view(-1, 1)
-    pos_k = torch.arange(length, device=device).view(1, -1)
-    allowed = torch.ones(tq, length, dtype=torch.bool, device=device)
+    pos_k = torch.arange(key_start, length, device=device).view(1, -1)
+    allowed = torch.ones(tq, length - key_start, dtype=torch.bool, device=device)
     if causal:
         allowed &= pos_k <= pos_q
     if window is not None:
@@ -39,14 +42,15 @@ def _mask(tq: int, length: int, causal: bool, window: int | None, device) -> tor
 
 
 def attend_packed(codec: LayerKVCodec, query: torch.Tensor, rows: dict[str, torch.Tensor],
-                  scale: float, causal: bool = True,
-                  sliding_window: int | None = None) -> torch.Tensor:
-    """query [Tq, Hq, d] over the packed rows {region: uint8 [L, H, row]} of one sequence."""
+                  scale: float, causal: bool = True, sliding_window: int | None = None,
+                  key_start: int = 0) -> torch.Tensor:
+    """query [Tq, Hq, d] over the packed rows {region: uint8 [L - key_start, H, row]} holding the
+    keys at positions key_start..L-1 of one sequence (its queries are its last Tq positions)."""
     tq, hq, d = query.shape
     h = codec.layout.num_kv_heads
     g = hq // h
     qk, qv = codec.unpack(rows)
-    length = qk.codes_o.shape[0]
+    num_keys = qk.codes_o.shape[0]
     kc, vc = codec.key, codec.value
 
     q_rot = kc.rotate(query.float().view(tq, h, g, d).transpose(1, 2), codec.key_perm)  # [Tq, G, H, d]
@@ -57,9 +61,10 @@ def attend_packed(codec: LayerKVCodec, query: torch.Tensor, rows: dict[str, torc
         sq = q_rot @ kc.qjl.to(q_rot.device).T                        # S·q, once per query
         signs = qk.signs.float() * 2 - 1                              # [L, H, d]
         qjl = torch.einsum("tghd,lhd->hgtl", sq, signs)
-        scores = scores + kc.qjl_scale * qjl * qk.rnorm.float().T.view(h, 1, 1, length)
+        scores = scores + kc.qjl_scale * qjl * qk.rnorm.float().T.view(h, 1, 1, num_keys)
     scores = scores * scale
-    scores = scores.masked_fill(~_mask(tq, length, causal, sliding_window, query.device), -math.inf)
+    allowed = _mask(tq, key_start + num_keys, causal, sliding_window, query.device, key_start)
+    scores = scores.masked_fill(~allowed, -math.inf)
     p = torch.softmax(scores, dim=-1)
     acc = torch.einsum("hgtl,lhd->tghd", p, vc.dequantize_rotated(qv))  # rotated value domain
     out = vc.unrotate(acc, codec.value_perm) + codec.value_mean.to(acc.device)  # rotate back once
@@ -79,7 +84,11 @@ def paged_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tenso
         a, b = starts[i], starts[i + 1]
         if b == a or length == 0:
             continue
-        blocks = block_table[i, : (length + bs - 1) // bs]
-        rows = {k: v[:length] for k, v in codec.read_blocks(cache, blocks).items()}
-        out[a:b] = attend_packed(codec, query[a:b], rows, scale, causal, sliding_window)
+        first = 0
+        if sliding_window is not None:  # blocks wholly before the window may be freed: skip them
+            first = max(0, length - (b - a) - sliding_window + 1) // bs
+        blocks = block_table[i, first: (length + bs - 1) // bs]
+        rows = {k: v[: length - first * bs] for k, v in codec.read_blocks(cache, blocks).items()}
+        out[a:b] = attend_packed(codec, query[a:b], rows, scale, causal, sliding_window,
+                                 key_start=first * bs)
     return out

@@ -64,11 +64,12 @@ def _patch_engine_args() -> None:
 def _apply_layer_options(config) -> None:
     cache = config.cache_config
     num_layers = config.model_config.get_total_num_hidden_layers()
+    skip = set(cache.kv_cache_dtype_skip_layers)
     keep = options.bf16_layer_indices(num_layers)
     if keep:
         logger.info("TurboQuant: keeping layers %s in bf16 (TURBOQUANT_BF16_*_LAYERS)", keep)
-        cache.kv_cache_dtype_skip_layers = sorted(
-            set(cache.kv_cache_dtype_skip_layers) | {str(i) for i in keep}, key=int)
+        skip |= {str(i) for i in keep}
+    cache.kv_cache_dtype_skip_layers = sorted(skip, key=lambda x: (not x.isdigit(), x.zfill(6)))
 
 
 def _patch_boundary_skip() -> None:
@@ -91,6 +92,8 @@ def _patch_kv_cache_spec() -> None:
     from vllm.model_executor.layers.attention.attention import Attention
     from vllm.v1.kv_cache_interface import TQFullAttentionSpec
 
+    from .specs import TQSlidingWindowSpec
+
     original = Attention.get_kv_cache_spec
     if getattr(original, "_tq_patched", False):
         return
@@ -98,18 +101,15 @@ def _patch_kv_cache_spec() -> None:
     def get_kv_cache_spec(self, vllm_config):
         if not is_turboquant_dtype(self.kv_cache_dtype):
             return original(self, vllm_config)
+        common = dict(block_size=vllm_config.cache_config.block_size,
+                      num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+                      head_size_v=self.head_size, dtype=self.kv_cache_torch_dtype,
+                      tq_slot_size=FORMATS[self.kv_cache_dtype].bytes_per_token_head(self.head_size))
         if self.sliding_window is not None:
-            raise ValueError(
-                f"{self.layer_name}: sliding-window layers cannot use kv_cache_dtype="
-                f"{self.kv_cache_dtype!r} yet; they should have been kept in bf16 automatically.")
-        return TQFullAttentionSpec(
-            block_size=vllm_config.cache_config.block_size,
-            num_kv_heads=self.num_kv_heads,
-            head_size=self.head_size,
-            head_size_v=self.head_size,
-            dtype=self.kv_cache_torch_dtype,
-            tq_slot_size=FORMATS[self.kv_cache_dtype].bytes_per_token_head(self.head_size),
-        )
+            # Compressed too: equal page sizes let vLLM's hybrid allocator group the layers, and
+            # blocks that slide out of the window are freed as usual.
+            return TQSlidingWindowSpec(sliding_window=self.sliding_window, **common)
+        return TQFullAttentionSpec(**common)
 
     get_kv_cache_spec._tq_patched = True
     Attention.get_kv_cache_spec = get_kv_cache_spec
