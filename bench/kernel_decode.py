@@ -1,0 +1,118 @@
+"""Decode attention kernel time: TurboQuant Triton kernel vs FlashAttention-3 on bf16 and fp8 pages.
+
+    python bench/kernel_decode.py [--contexts 1024,4096,16384,32768] [--batches 1,8,32] [--out F]
+
+Llama-3.1-8B heads (32 query / 8 KV heads, head_dim 128), block size 16, one query token per
+sequence. Times are CUDA-event medians (triton.testing.do_bench). GB/s counts the KV bytes the
+kernel must read (context × KV heads × bytes per token and head); "copy" is a device-to-device
+copy's bandwidth measured in the same run (bytes read + written).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+
+import torch
+import triton
+
+from vllm_turboquant.codec import FORMATS, LayerKVCodec, page_layout
+from vllm_turboquant.kernels.decode_attention import decode_attention
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x))
+    return 2 * x.numel() / ms / 1e6  # GB/s
+
+
+def turboquant_case(fmt: str, batch: int, ctx: int):
+    lay = page_layout(fmt, D, BS, HKV)
+    codec = LayerKVCodec(lay)
+    codec.calibrate(torch.randn(64, HKV, D), torch.randn(64, HKV, D))
+    blocks_per_seq = ctx // BS
+    num_blocks = batch * blocks_per_seq
+    cache = torch.randint(0, 256, (num_blocks, lay.page_bytes), dtype=torch.uint8, device="cuda")
+    heads = cache.view(num_blocks, HKV, lay.head_stride)
+    for name, r in lay.regions.items():  # sane fp16 norms; random codes and signs are all valid
+        if r.row_bytes == 2:
+            heads[:, :, r.offset: r.offset + 2 * BS].view(torch.float16).fill_(0.25)
+    table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: decode_attention(codec, q, cache, table, lens, D ** -0.5)  # noqa: E731
+    return fn, batch * ctx * HKV * lay.slot_bytes
+
+
+def fa3_case(batch: int, ctx: int, fp8: bool):
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    blocks_per_seq = ctx // BS
+    num_blocks = batch * blocks_per_seq
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    k = torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=torch.bfloat16).to(dtype)
+    v = torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=torch.bfloat16).to(dtype)
+    table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16).to(dtype)
+    cu_q = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
+    extra = {}
+    if fp8:
+        one = torch.ones(batch, HKV, device="cuda", dtype=torch.float32)
+        extra = dict(q_descale=one, k_descale=one, v_descale=one)
+    out = torch.empty(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: flash_attn_varlen_func(q, k, v, max_seqlen_q=1, cu_seqlens_q=cu_q,  # noqa: E731
+                                        max_seqlen_k=ctx, seqused_k=lens, softmax_scale=D ** -0.5,
+                                        causal=True, block_table=table, out=out, fa_version=3,
+                                        **extra)
+    return fn, batch * ctx * HKV * D * 2 * (1 if fp8 else 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--contexts", default="1024,4096,16384,32768")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--formats", default="turboquant_3.5,turboquant_3.5_mse")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    bw = copy_bandwidth()
+    lines = [f"`python bench/kernel_decode.py` on {datetime.date.today()}, "
+             f"{torch.cuda.get_device_name()}, commit {commit}; copy bandwidth {bw:.0f} GB/s.", "",
+             "| batch | context | kernel | µs | GB/s | % of copy | speed-up vs FA3 bf16 |",
+             "|---|---|---|---|---|---|---|"]
+    for batch in map(int, args.batches.split(",")):
+        for ctx in map(int, args.contexts.split(",")):
+            cases = [("FA3 bf16", lambda: fa3_case(batch, ctx, False)),
+                     ("FA3 fp8", lambda: fa3_case(batch, ctx, True))]
+            cases += [(f, lambda f=f: turboquant_case(f, batch, ctx)) for f in args.formats.split(",")]
+            base = None
+            for name, make in cases:
+                try:
+                    fn, nbytes = make()
+                    fn()
+                    ms = triton.testing.do_bench(fn)
+                except Exception as e:  # noqa: BLE001 - report and continue with the other kernels
+                    lines.append(f"| {batch} | {ctx} | {name} | failed: {type(e).__name__}: "
+                                 f"{str(e)[:80]} | | | |")
+                    continue
+                base = base or (ms if name == "FA3 bf16" else None)
+                gbs = nbytes / ms / 1e6
+                speed = f"{base / ms:.2f}x" if base else "n/a"
+                lines.append(f"| {batch} | {ctx} | {name} | {ms * 1e3:.1f} | {gbs:.0f} | "
+                             f"{100 * gbs / bw:.0f}% | {speed} |")
+                print(lines[-1], flush=True)
+                torch.cuda.empty_cache()
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
