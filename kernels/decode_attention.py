@@ -71,10 +71,12 @@ def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     sq = torch.cat([q_o, q_r], -1) @ c.qjl.T if c.qjl is not None else q_o
     q_r = torch.nn.functional.pad(q_r, (0, c.n_r_pad - c.n_r))
 
-    max_blocks = block_table.shape[1]
+    block_n = 64
+    max_tokens = block_table.shape[1] * lay.block_size  # static bound: no host sync
     if num_splits is None:
-        num_splits = max(1, min(max_blocks, math.ceil(_TARGET_PROGRAMS / (batch * lay.num_kv_heads))))
-    per_split = math.ceil(max_blocks / num_splits)
+        wanted = math.ceil(_TARGET_PROGRAMS / (batch * lay.num_kv_heads))
+        num_splits = max(1, min(wanted, math.ceil(max_tokens / (4 * block_n))))
+    per_split = math.ceil(math.ceil(max_tokens / num_splits) / block_n) * block_n
     f32 = dict(dtype=torch.float32, device=query.device)
     part_m = torch.empty(batch, hq, num_splits, **f32)
     part_l = torch.empty(batch, hq, num_splits, **f32)
@@ -87,13 +89,13 @@ def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         *c.cb, part_m, part_l, part_o, part_r,
         scale * _LOG2E, block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
         HQ=hq, G=c.group, G_PAD=max(16, _pow2(c.group)), D=d, N_O=c.n_o, N_R=c.n_r,
-        N_R_PAD=c.n_r_pad, BS=lay.block_size, SPLITS=num_splits,
+        N_R_PAD=c.n_r_pad, BS=lay.block_size, BLOCK_N=block_n, SPLITS=num_splits,
         KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits, VBO=vc.fmt.outlier_bits,
         VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,
         OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"], OFF_KS=off.get("k.signs", 0),
         OFF_KGO=off["k.gamma_o"], OFF_KGR=off["k.gamma_r"], OFF_KRN=off.get("k.rnorm", 0),
         OFF_VCO=off["v.codes_o"], OFF_VCR=off["v.codes_r"], OFF_VGO=off["v.gamma_o"],
-        OFF_VGR=off["v.gamma_r"],
+        OFF_VGR=off["v.gamma_r"], num_warps=4,
     )
 
     # Merge the splits (base-2 log-sum-exp), then rotate the value accumulator back once.

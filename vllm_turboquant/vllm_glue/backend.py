@@ -2,8 +2,9 @@
 
 Pages are each layer's raw uint8 KV buffer viewed as [num_blocks, page_bytes] (byte layout in
 `vllm_turboquant.codec.layout`). vLLM calls `do_kv_cache_update` (encode new K/V into their slots)
-and then `forward` (attend over the pages). This module runs the pure-PyTorch codec, so it works on
-CPU and, slowly, on CUDA.
+and then `forward` (attend over the pages). On CUDA, pure-decode batches (one query token
+per sequence, no sliding window) run the Triton decode kernel (`vllm_turboquant.kernels`); every
+other case, and everything on CPU, runs the pure-PyTorch codec.
 
 Outlier channels: each layer fixes its per-KV-head outlier split from the first real K/V it writes
 (dummy/profiling runs write only slot -1 and are ignored). Every page in the cache is written after
@@ -86,6 +87,7 @@ class TurboQuantMetadata:
     max_seq_len: int
     query_start_loc: torch.Tensor      # [num_reqs + 1], on the host (the torch path loops on it)
     seq_lens: torch.Tensor             # [num_reqs], on the host
+    seq_lens_device: torch.Tensor      # [num_reqs], where the kernels run
     block_table: torch.Tensor          # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor         # [num_tokens]
     causal: bool = True
@@ -107,6 +109,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             max_seq_len=cam.max_seq_len,
             query_start_loc=cam.query_start_loc_cpu,
             seq_lens=cam.seq_lens_cpu,
+            seq_lens_device=cam.seq_lens,
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping,
             causal=bool(cam.causal) if not isinstance(cam.causal, torch.Tensor) else True,
@@ -181,9 +184,16 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             out = self._fresh_prefill(q, key[:n], value[:n], m)
         else:
             codec = self._codec_for(kv_cache, self._kv_block_size(kv_cache))
-            out = paged_attention(codec, q, kv_cache.view(kv_cache.shape[0], -1), m.block_table,
-                                  m.seq_lens, m.query_start_loc, self.scale, m.causal,
-                                  self.sliding_window)
+            pages = kv_cache.view(kv_cache.shape[0], -1)
+            if q.is_cuda and m.max_query_len == 1 and self.sliding_window is None:
+                from ..kernels.decode_attention import decode_attention
+
+                num_reqs = m.seq_lens.shape[0]
+                out = decode_attention(codec, q, pages, m.block_table[:num_reqs],
+                                       m.seq_lens_device[:num_reqs], self.scale)
+            else:
+                out = paged_attention(codec, q, pages, m.block_table, m.seq_lens,
+                                      m.query_start_loc, self.scale, m.causal, self.sliding_window)
         output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
         return output
 
