@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import subprocess
 
 import torch
@@ -78,8 +79,9 @@ def main() -> None:
     ap.add_argument("--formats", default="turboquant_3.5,turboquant_3.5_mse")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    # The device machine gets a working tree without .git: pass TQ_COMMIT there.
+    commit = os.environ.get("TQ_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     bw = copy_bandwidth()
     lines = [f"`python bench/kernel_decode.py` on {datetime.date.today()}, "
              f"{torch.cuda.get_device_name()}, commit {commit}; copy bandwidth {bw:.0f} GB/s.", "",
