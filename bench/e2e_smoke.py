@@ -13,12 +13,9 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
-LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-            "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "head_dim": 128, "num_hidden_layers": 32, "vocab_size": 128256,
-            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-            "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def main() -> None:
@@ -27,10 +24,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--dtypes", default="auto,turboquant_3.5,turboquant_3.5_mse")
+    ap.add_argument("--config", type=Path, default=CONFIGS / "llama-3.1-8b-shape.json",
+                    help="HF config.json of the model shape (weights are dummy)")
     args = ap.parse_args()
     folder = tempfile.mkdtemp()
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(LLAMA_8B, f)
+        json.dump(json.loads(args.config.read_text()), f)
     import torch
     from vllm import LLM, SamplingParams
 

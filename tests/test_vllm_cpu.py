@@ -3,6 +3,8 @@
 Quality is measured where compression acts: prefill is split into 64-token chunks, so every chunk
 after the first attends to earlier tokens through the compressed pages, as decode does.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -172,3 +174,29 @@ def test_sliding_window_layers_are_compressed_too(tmp_path, report):
            f"turboquant_3.5 {got['turboquant_3.5'][0]:,} tokens: {ratio:.3f}x")
     assert got["turboquant_3.5"][1] == 8
     assert ratio == pytest.approx(FORMATS["turboquant_3.5"].compression_vs_bf16(256), rel=0.02)
+
+
+def test_bf16_boundary_layers_option(monkeypatch, report):
+    """TURBOQUANT_BF16_FIRST/LAST_LAYERS keep those layers in bf16; capacity follows the byte mix."""
+    monkeypatch.setenv("TURBOQUANT_BF16_FIRST_LAYERS", "2")
+    monkeypatch.setenv("TURBOQUANT_BF16_LAST_LAYERS", "1")
+    with engine("turboquant_3.5") as llm:
+        skipped = llm.llm_engine.vllm_config.cache_config.kv_cache_dtype_skip_layers
+        text = llm.generate(["The capital of France is"], GREEDY)[0].outputs[0].text
+        mixed = kv_capacity_tokens(llm)
+    with engine("auto") as llm:
+        bf16 = kv_capacity_tokens(llm)
+    assert skipped == ["0", "1", "29"]
+    assert text.startswith(" Paris")
+    bytes_per_token = 27 * FORMATS["turboquant_3.5"].bytes_per_token_head(64) + 3 * 256
+    report(f"[bf16 layers 0,1,29] KV capacity {mixed:,} tokens ({mixed / bf16:.3f}x bf16)")
+    assert mixed / bf16 == pytest.approx(30 * 256 / bytes_per_token, rel=0.02)
+
+
+def test_unsupported_head_size_fails_at_startup_with_the_fix(tmp_path):
+    model = dummy_llama(tmp_path, 64)
+    cfg = (Path(model) / "config.json")
+    cfg.write_text(cfg.read_text().replace('"head_dim": 64', '"head_dim": 96'))
+    with pytest.raises(Exception, match=r"head_dim 96 is not supported .*64, 128, 256.*auto"):
+        with engine("turboquant_3.5", model=model, load_format="dummy", skip_tokenizer_init=True):
+            pass
