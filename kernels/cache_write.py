@@ -1,0 +1,71 @@
+"""Launcher for the Triton cache write (tq_write.py); the oracle is `LayerKVCodec.write`."""
+from __future__ import annotations
+
+import torch
+
+from vllm_turboquant.codec import LayerKVCodec
+from vllm_turboquant.codec.quantizer import TensorCodec
+
+from . import tq_write
+
+BLOCK_T = 16
+
+
+class _TensorConstants:
+    def __init__(self, tc: TensorCodec, perm: torch.Tensor, mean: torch.Tensor, device):
+        f32 = dict(dtype=torch.float32, device=device)
+        n_r_pad = 1 << (tc.n_r - 1).bit_length()
+        self.n_r_pad = n_r_pad
+        self.r_o = tc.outlier.rotation.to(**f32).contiguous()
+        self.r_r = torch.zeros(n_r_pad, n_r_pad, **f32)
+        self.r_r[: tc.n_r, : tc.n_r] = tc.regular.rotation.to(**f32)
+        self.b_o, self.b_r = tc.outlier.boundaries.to(**f32), tc.regular.boundaries.to(**f32)
+        self.c_o = tc.outlier.centroids.to(**f32)
+        self.c_r = tc.regular.centroids.to(**f32)
+        self.perm = perm.to(device=device, dtype=torch.int32).contiguous()
+        self.mean = mean.to(**f32).contiguous()
+        if tc.fmt.has_qjl:
+            s = tc.qjl.to(**f32)
+            self.s_o = s[:, : tc.n_o].contiguous()
+            self.s_r = torch.zeros(tc.head_dim, n_r_pad, **f32)
+            self.s_r[:, : tc.n_r] = s[:, tc.n_o:]
+        else:
+            self.s_o = self.s_r = self.r_o  # unused
+
+
+def _constants(codec: LayerKVCodec, device) -> tuple[_TensorConstants, _TensorConstants]:
+    key = (str(device), id(codec.key_perm), id(codec.value_perm), id(codec.key_mean),
+           id(codec.value_mean))
+    cached = getattr(codec, "_write_constants", None)
+    if cached is None or cached[0] != key:
+        codec._write_constants = (key, (
+            _TensorConstants(codec.key, codec.key_perm, codec.key_mean, device),
+            _TensorConstants(codec.value, codec.value_perm, codec.value_mean, device)))
+    return codec._write_constants[1]
+
+
+def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor) -> None:
+    """Encode key/value [N, H, d] into slots [N] of cache [num_blocks, page_bytes] (slot -1 skipped).
+    No host synchronisation."""
+    lay = codec.layout
+    n = slots.shape[0]
+    if n == 0:
+        return
+    kconst, vconst = _constants(codec, key.device)
+    off = {name: r.offset for name, r in lay.regions.items()}
+    for prefix, tc, c, x in (("k", codec.key, kconst, key), ("v", codec.value, vconst, value)):
+        tq_write.tq_write_kernel[(triton_cdiv(n, BLOCK_T), lay.num_kv_heads)](
+            x[:n].contiguous(), slots, cache, c.mean, c.perm, c.r_o, c.r_r, c.b_o, c.b_r,
+            c.c_o, c.c_r, c.s_o, c.s_r, n, lay.page_bytes, lay.head_stride,
+            H=lay.num_kv_heads, D=lay.head_dim, N_O=tc.n_o, N_R=tc.n_r, N_R_PAD=c.n_r_pad,
+            BS=lay.block_size, BLOCK_T=BLOCK_T, BO=tc.fmt.outlier_bits, BR=tc.fmt.regular_bits,
+            HAS_QJL=tc.fmt.has_qjl, NORM_CORRECTION=tc.outlier.norm_correction,
+            OFF_CO=off[f"{prefix}.codes_o"], OFF_CR=off[f"{prefix}.codes_r"],
+            OFF_S=off.get(f"{prefix}.signs", 0), OFF_GO=off[f"{prefix}.gamma_o"],
+            OFF_GR=off[f"{prefix}.gamma_r"], OFF_RN=off.get(f"{prefix}.rnorm", 0),
+        )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -1,0 +1,101 @@
+"""Triton cache write: quantize new K or V vectors and store them into their slots' pages.
+
+One program per (tile of BLOCK_T tokens, KV head): remove the head's mean, gather the channel split,
+rotate each group with tl.dot (IEEE fp32: codes sit on bucket boundaries), bucketize against the
+Lloyd-Max boundaries, norm-correct, and for QJL keys project the residual by S and keep its signs
+and norm; then pack the bit planes and store every region row at the token's slot (slot -1: skip).
+The codec's `LayerKVCodec.write` is the oracle.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_group(X, MEAN, PERM, R, row, h, tok_mask, D: tl.constexpr, START: tl.constexpr,
+                  N: tl.constexpr, N_PAD: tl.constexpr):
+    """x[perm[START:START+N]] - mean, rotated: [BLOCK_T, N_PAD] fp32 (zero beyond N)."""
+    c = tl.arange(0, N_PAD)
+    cmask = c < N
+    chan = tl.load(PERM + h * D + START + c, mask=cmask, other=0)
+    x = tl.load(X + row[:, None] * D + chan[None, :], mask=tok_mask[:, None] & cmask[None, :],
+                other=0.0).to(tl.float32)
+    x = x - tl.load(MEAN + h * D + chan, mask=cmask, other=0.0)[None, :]
+    rot = tl.load(R + c[:, None] * N_PAD + c[None, :])  # zero-padded [N_PAD, N_PAD]
+    return tl.dot(x, tl.trans(rot), input_precision="ieee")
+
+
+@triton.jit
+def _quantize_group(x_rot, BOUNDS, CENT, N: tl.constexpr, N_PAD: tl.constexpr,
+                    BITS: tl.constexpr, NORM_CORRECTION: tl.constexpr):
+    """→ (codes int32 [BT, N_PAD], gamma fp32 [BT] rounded through fp16, reconstruction [BT, N_PAD])."""
+    norm = tl.sqrt(tl.sum(x_rot * x_rot, 1))
+    unit = x_rot / tl.maximum(norm, 1e-30)[:, None]
+    code = tl.zeros(x_rot.shape, dtype=tl.int32)
+    for j in tl.static_range((1 << BITS) - 1):
+        code += (unit > tl.load(BOUNDS + j)).to(tl.int32)
+    # Padded lanes (channels N..N_PAD) must not count in the norm correction.
+    cent = tl.where((tl.arange(0, N_PAD) < N)[None, :], tl.load(CENT + code), 0.0)
+    if NORM_CORRECTION:
+        gamma = norm / tl.sqrt(tl.sum(cent * cent, 1))
+    else:
+        gamma = norm
+    gamma = tl.minimum(gamma, 65504.0).to(tl.float16).to(tl.float32)
+    return code, gamma, cent * gamma[:, None]
+
+
+@triton.jit
+def _store_planes(head_base, off, tok_mask, code, OFF: tl.constexpr, N: tl.constexpr,
+                  N_PAD: tl.constexpr, BITS: tl.constexpr):
+    j = tl.arange(0, N_PAD // 8)
+    shifts = tl.arange(0, 8)
+    mask = tok_mask[:, None] & (j < N // 8)[None, :]
+    grouped = tl.reshape(code, [code.shape[0], N_PAD // 8, 8])
+    row = head_base + OFF + off * (BITS * (N // 8))
+    for k in tl.static_range(BITS):
+        byte = tl.sum(((grouped >> k) & 1) << shifts[None, None, :], 2)
+        tl.store(row[:, None] + k * (N // 8) + j[None, :], byte.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _store_norm(head_base, off, tok_mask, value, OFF: tl.constexpr):
+    tl.store((head_base + OFF).to(tl.pointer_type(tl.float16)) + off, value.to(tl.float16),
+             mask=tok_mask)
+
+
+@triton.jit
+def tq_write_kernel(
+    X, SLOTS, CACHE, MEAN, PERM, R_O, R_R, B_O, B_R, C_O, C_R, S_O, S_R,
+    num_tokens, page_bytes, head_stride,
+    H: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
+    N_R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, BO: tl.constexpr,
+    BR: tl.constexpr, HAS_QJL: tl.constexpr, NORM_CORRECTION: tl.constexpr,
+    OFF_CO: tl.constexpr, OFF_CR: tl.constexpr, OFF_S: tl.constexpr, OFF_GO: tl.constexpr,
+    OFF_GR: tl.constexpr, OFF_RN: tl.constexpr,
+):
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slot = tl.load(SLOTS + t, mask=t < num_tokens, other=-1).to(tl.int64)
+    tok_mask = slot >= 0
+    row = t * H + h
+    head_base = CACHE + (slot // BS) * page_bytes + h * head_stride
+    off = slot % BS
+
+    x_o = _rotate_group(X, MEAN, PERM, R_O, row, h, tok_mask, D, 0, N_O, N_O)
+    x_r = _rotate_group(X, MEAN, PERM, R_R, row, h, tok_mask, D, N_O, N_R, N_R_PAD)
+    code_o, gamma_o, rec_o = _quantize_group(x_o, B_O, C_O, N_O, N_O, BO, NORM_CORRECTION)
+    code_r, gamma_r, rec_r = _quantize_group(x_r, B_R, C_R, N_R, N_R_PAD, BR, NORM_CORRECTION)
+    _store_planes(head_base, off, tok_mask, code_o, OFF_CO, N_O, N_O, BO)
+    _store_planes(head_base, off, tok_mask, code_r, OFF_CR, N_R, N_R_PAD, BR)
+    _store_norm(head_base, off, tok_mask, gamma_o, OFF_GO)
+    _store_norm(head_base, off, tok_mask, gamma_r, OFF_GR)
+    if HAS_QJL:
+        res_o = x_o - rec_o
+        res_r = x_r - rec_r  # zero in the padded lanes
+        d = tl.arange(0, D)
+        s_o = tl.load(S_O + d[:, None] * N_O + tl.arange(0, N_O)[None, :])        # S[:, :n_o]
+        s_r = tl.load(S_R + d[:, None] * N_R_PAD + tl.arange(0, N_R_PAD)[None, :])  # S[:, n_o:]
+        proj = tl.dot(res_o, tl.trans(s_o), input_precision="ieee")
+        proj += tl.dot(res_r, tl.trans(s_r), input_precision="ieee")
+        _store_planes(head_base, off, tok_mask, (proj >= 0).to(tl.int32), OFF_S, D, D, 1)
+        rnorm = tl.sqrt(tl.sum(res_o * res_o, 1) + tl.sum(res_r * res_r, 1))
+        _store_norm(head_base, off, tok_mask, tl.minimum(rnorm, 65504.0), OFF_RN)
