@@ -2,9 +2,10 @@
 
 Pages are each layer's raw uint8 KV buffer viewed as [num_blocks, page_bytes] (byte layout in
 `vllm_turboquant.codec.layout`). vLLM calls `do_kv_cache_update` (encode new K/V into their slots)
-and then `forward` (attend over the pages). On CUDA, pure-decode batches (one query token
-per sequence, no sliding window) run the Triton decode kernel (`vllm_turboquant.kernels`); every
-other case, and everything on CPU, runs the pure-PyTorch codec.
+and then `forward` (attend over the pages). On CUDA, K/V writes run the fused Triton write
+kernel and pure-decode batches (one query token per sequence, no sliding window) the Triton decode
+kernel (`vllm_turboquant.kernels`); every other case, and everything on CPU, runs the pure-PyTorch
+codec.
 
 Outlier channels: each layer fixes its per-KV-head outlier split from the first real K/V it writes
 (dummy/profiling runs write only slot -1 and are ignored). Every page in the cache is written after
@@ -157,7 +158,13 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             if not bool(valid.any()):
                 return  # a dummy run: nothing to store, nothing to learn from
             codec.calibrate(key[valid], value[valid])
-        codec.write(kv_cache.view(kv_cache.shape[0], -1), slot_mapping, key, value)
+        pages = kv_cache.view(kv_cache.shape[0], -1)
+        if key.is_cuda:  # fused Triton write: no host syncs, one launch per K and V
+            from ..kernels.cache_write import write_kv
+
+            write_kv(codec, pages, slot_mapping, key, value)
+        else:
+            codec.write(pages, slot_mapping, key, value)
 
     def _kv_block_size(self, kv_cache: torch.Tensor) -> int:
         # page_bytes = block_size · num_kv_heads · slot_bytes; recover block_size from the view.
