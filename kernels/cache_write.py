@@ -9,6 +9,9 @@ from vllm_turboquant.codec.quantizer import TensorCodec
 from . import tq_write
 
 BLOCK_T = 16
+# At head_dim 256 the fp32 [256, 256] rotation and QJL tiles need 272 KB of shared memory (H100:
+# 227 KB), so those layers use the codec's PyTorch write until the kernel tiles its K dimension.
+MAX_HEAD_DIM = 128
 
 
 class _TensorConstants:
@@ -51,6 +54,9 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
     lay = codec.layout
     n = slots.shape[0]
     if n == 0:
+        return
+    if lay.head_dim > MAX_HEAD_DIM and cache.is_cuda:
+        codec.write(cache, slots, key, value)
         return
     kconst, vconst = _constants(codec, key.device)
     off = {name: r.offset for name, r in lay.regions.items()}
