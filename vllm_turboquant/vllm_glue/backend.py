@@ -132,6 +132,11 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                              "use kv_cache_dtype='auto' or 'fp8' for this model.")
         if attn_type != AttentionType.DECODER:
             raise ValueError(f"TurboQuant compresses decoder self-attention only, got {attn_type}.")
+        if kv_sharing_target_layer_name is not None:
+            # The reading layer would need the writing layer's outlier split and means.
+            raise ValueError("TurboQuant does not support cross-layer KV-cache sharing yet "
+                             f"(this layer reads {kv_sharing_target_layer_name}'s cache); use "
+                             "kv_cache_dtype='auto' or 'fp8' for this model.")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, scale
         self.num_kv_heads = num_kv_heads or num_heads
         self.sliding_window = sliding_window
