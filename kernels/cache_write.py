@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import torch
+import triton
 
 from vllm_turboquant.codec import LayerKVCodec
 from vllm_turboquant.codec.quantizer import TensorCodec
 
-from . import tq_write
+from . import next_pow2, tq_write
 
 BLOCK_T = 16
 # At head_dim 256 the fp32 [256, 256] rotation and QJL tiles need 272 KB of shared memory (H100:
@@ -17,7 +18,7 @@ MAX_HEAD_DIM = 128
 class _TensorConstants:
     def __init__(self, tc: TensorCodec, perm: torch.Tensor, mean: torch.Tensor, device):
         f32 = dict(dtype=torch.float32, device=device)
-        n_r_pad = 1 << (tc.n_r - 1).bit_length()
+        n_r_pad = next_pow2(tc.n_r)
         self.n_r_pad = n_r_pad
         self.r_o = tc.outlier.rotation.to(**f32).contiguous()
         self.r_r = torch.zeros(n_r_pad, n_r_pad, **f32)
@@ -61,7 +62,7 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
     kconst, vconst = _constants(codec, key.device)
     off = {name: r.offset for name, r in lay.regions.items()}
     for prefix, tc, c, x in (("k", codec.key, kconst, key), ("v", codec.value, vconst, value)):
-        tq_write.tq_write_kernel[(triton_cdiv(n, BLOCK_T), lay.num_kv_heads)](
+        tq_write.tq_write_kernel[(triton.cdiv(n, BLOCK_T), lay.num_kv_heads)](
             x[:n].contiguous(), slots, cache, c.mean, c.perm, c.r_o, c.r_r, c.b_o, c.b_r,
             c.c_o, c.c_r, c.s_o, c.s_r, n, lay.page_bytes, lay.head_stride,
             H=lay.num_kv_heads, D=lay.head_dim, N_O=tc.n_o, N_R=tc.n_r, N_R_PAD=c.n_r_pad,
@@ -71,7 +72,3 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
             OFF_S=off.get(f"{prefix}.signs", 0), OFF_GO=off[f"{prefix}.gamma_o"],
             OFF_GR=off[f"{prefix}.gamma_r"], OFF_RN=off.get(f"{prefix}.rnorm", 0),
         )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b

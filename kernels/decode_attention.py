@@ -13,14 +13,10 @@ import torch
 
 from vllm_turboquant.codec import LayerKVCodec
 
-from . import tq_decode
+from . import next_pow2, tq_decode
 
 _LOG2E = 1.4426950408889634
 _TARGET_PROGRAMS = 264  # ~2 waves of programs on a 132-SM H100
-
-
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 class DecodeConstants:
@@ -38,7 +34,7 @@ class DecodeConstants:
         self.value_perm = codec.value_perm.to(device).repeat_interleave(g, 0)  # [Hq, d]
         self.value_mean = codec.value_mean.to(**f32).repeat_interleave(g, 0)   # [Hq, d]
         self.n_o, self.n_r = kc.n_o, kc.n_r
-        self.n_r_pad = _pow2(kc.n_r)
+        self.n_r_pad = next_pow2(kc.n_r)
         self.group = g
 
     @classmethod
@@ -88,7 +84,7 @@ def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         q_o.contiguous(), q_r.contiguous(), sq.contiguous(), cache, block_table, seq_lens,
         *c.cb, part_m, part_l, part_o, part_r,
         scale * _LOG2E, block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
-        HQ=hq, G=c.group, G_PAD=max(16, _pow2(c.group)), D=d, N_O=c.n_o, N_R=c.n_r,
+        HQ=hq, G=c.group, G_PAD=max(16, next_pow2(c.group)), D=d, N_O=c.n_o, N_R=c.n_r,
         N_R_PAD=c.n_r_pad, BS=lay.block_size, BLOCK_N=block_n, SPLITS=num_splits,
         KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits, VBO=vc.fmt.outlier_bits,
         VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,

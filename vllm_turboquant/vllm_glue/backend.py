@@ -144,9 +144,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.codec: LayerKVCodec | None = None  # built at the first write, once block_size is known
 
-    def _codec_for(self, kv_cache: torch.Tensor, block_size: int) -> LayerKVCodec:
+    def _codec_for(self, kv_cache: torch.Tensor) -> LayerKVCodec:
         if self.codec is None:
-            lay = page_layout(self.kv_cache_dtype, self.head_size, block_size, self.num_kv_heads)
+            lay = page_layout(self.kv_cache_dtype, self.head_size, self._kv_block_size(kv_cache),
+                              self.num_kv_heads)
             self.codec = LayerKVCodec(lay, qjl_decode=options.qjl_decode(),
                                       center_keys=options.center_keys())
         return self.codec
@@ -155,7 +156,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if kv_cache.numel() == 0:
             return
-        codec = self._codec_for(kv_cache, self._kv_block_size(kv_cache))
+        codec = self._codec_for(kv_cache)
         n = slot_mapping.shape[0]
         key, value = key[:n], value[:n]
         if not codec.calibrated:
@@ -195,7 +196,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             # always go through the compressed pages.
             out = self._fresh_prefill(q, key[:n], value[:n], m)
         else:
-            codec = self._codec_for(kv_cache, self._kv_block_size(kv_cache))
+            codec = self._codec_for(kv_cache)
             pages = kv_cache.view(kv_cache.shape[0], -1)
             if q.is_cuda and m.max_query_len == 1 and self.sliding_window is None:
                 from ..kernels.decode_attention import decode_attention
