@@ -18,7 +18,7 @@ import torch
 import triton
 
 from vllm_turboquant.codec import FORMATS, LayerKVCodec, page_layout
-from vllm_turboquant.kernels.decode_attention import decode_attention
+from vllm_turboquant.kernels.paged_attention import decode_attention
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 
@@ -30,7 +30,7 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / ms / 1e6  # GB/s
 
 
-def turboquant_case(fmt: str, batch: int, ctx: int):
+def turboquant_case(fmt: str, batch: int, ctx: int, **tuning):
     lay = page_layout(fmt, D, BS, HKV)
     codec = LayerKVCodec(lay)
     codec.calibrate(torch.randn(64, HKV, D), torch.randn(64, HKV, D))
@@ -44,7 +44,7 @@ def turboquant_case(fmt: str, batch: int, ctx: int):
     table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
-    fn = lambda: decode_attention(codec, q, cache, table, lens, D ** -0.5)  # noqa: E731
+    fn = lambda: decode_attention(codec, q, cache, table, lens, D ** -0.5, **tuning)  # noqa: E731
     return fn, batch * ctx * HKV * lay.slot_bytes
 
 
@@ -72,13 +72,33 @@ def fa3_case(batch: int, ctx: int, fp8: bool):
     return fn, batch * ctx * HKV * D * 2 * (1 if fp8 else 2)
 
 
+def sweep() -> None:
+    for fmt in ("turboquant_3.5", "turboquant_3.5_mse"):
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for programs in (264, 528, 1056):
+                    try:
+                        fn, nbytes = turboquant_case(fmt, 16, 32768, block_n=block_n,
+                                                     num_warps=warps, target_programs=programs)
+                        fn()
+                        ms = triton.testing.do_bench(fn)
+                        print(f"{fmt} BLOCK_N={block_n} warps={warps} programs={programs}: "
+                              f"{ms * 1e3:.0f} us, {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"{fmt} {block_n} {warps} {programs}: {type(e).__name__} {e}"[:200])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--contexts", default="1024,4096,16384,32768")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--formats", default="turboquant_3.5,turboquant_3.5_mse")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true",
+                    help="time BLOCK_N x num_warps x programs at batch 16 x 32k and exit")
     args = ap.parse_args()
+    if args.sweep:
+        return sweep()
     # The device machine gets a working tree without .git: pass TQ_COMMIT there.
     commit = os.environ.get("TQ_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"

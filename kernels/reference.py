@@ -1,2 +1,2 @@
 """The pure-PyTorch references the kernels are tested against (they live in the codec)."""
-from vllm_turboquant.codec import paged_attention  # noqa: F401  (oracle of decode_attention)
+from vllm_turboquant.codec import paged_attention  # noqa: F401  (oracle of paged_attention.varlen_attention)

@@ -45,6 +45,7 @@ class LayerKVCodec:
         self.value_mean = torch.zeros(h, d)
         self.center_keys, self.center_values = center_keys, center_values
         self.calibrated = False
+        self.version = 0  # bumped whenever splits or means change (kernels refresh their copies)
 
     # --- channel splits -----------------------------------------------------------------------
     def calibrate(self, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -60,9 +61,11 @@ class LayerKVCodec:
         self.key_mean, self.value_mean = self.key_mean.to(key.device), self.value_mean.to(key.device)
         self.key_perm, self.value_perm = self.key_perm.to(key.device), self.value_perm.to(key.device)
         self.calibrated = True
+        self.version += 1
 
     def set_splits(self, key_perm: torch.Tensor, value_perm: torch.Tensor) -> None:
         self.key_perm, self.value_perm, self.calibrated = key_perm, value_perm, True
+        self.version += 1
 
     # --- fields <-> bytes ----------------------------------------------------------------------
     @staticmethod

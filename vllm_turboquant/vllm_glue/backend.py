@@ -3,9 +3,11 @@
 Pages are each layer's raw uint8 KV buffer viewed as [num_blocks, page_bytes] (byte layout in
 `vllm_turboquant.codec.layout`). vLLM calls `do_kv_cache_update` (encode new K/V into their slots)
 and then `forward` (attend over the pages). On CUDA, K/V writes run the fused Triton write
-kernel and pure-decode batches (one query token per sequence, no sliding window) the Triton decode
-kernel (`vllm_turboquant.kernels`); every other case, and everything on CPU, runs the pure-PyTorch
-codec.
+kernel and attention the Triton paged kernel over the packed pages (`vllm_turboquant.kernels`) for
+every batch that reads cached context (decode, chunked prefill, prefix hits, speculative tokens,
+sliding windows); batches made only of fresh prompts attend to their exact K/V with FlashAttention.
+On CPU everything runs the pure-PyTorch codec. Uniform decode batches are CUDA-graph safe (no host
+syncs): vLLM captures them whole.
 
 Outlier channels: each layer fixes its per-KV-head outlier split from the first real K/V it writes
 (dummy/profiling runs write only slot -1 and are ignored). Every page in the cache is written after
@@ -88,6 +90,7 @@ class TurboQuantMetadata:
     max_seq_len: int
     query_start_loc: torch.Tensor      # [num_reqs + 1], on the host (the torch path loops on it)
     seq_lens: torch.Tensor             # [num_reqs], on the host
+    query_start_loc_device: torch.Tensor  # [num_reqs + 1], where the kernels run
     seq_lens_device: torch.Tensor      # [num_reqs], where the kernels run
     block_table: torch.Tensor          # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor         # [num_tokens]
@@ -95,8 +98,11 @@ class TurboQuantMetadata:
 
 
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
-    # The torch path reads sequence lengths on the host every step: no CUDA graphs.
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Decode runs the Triton kernel with static grids and no host syncs, so uniform single-token
+    # decode batches may be captured whole. Mixed batches read host-side lengths (fresh-prefill
+    # check, FlashAttention's max lengths): those stay piecewise.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = \
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -110,6 +116,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             max_seq_len=cam.max_seq_len,
             query_start_loc=cam.query_start_loc_cpu,
             seq_lens=cam.seq_lens_cpu,
+            query_start_loc_device=cam.query_start_loc,
             seq_lens_device=cam.seq_lens,
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping,
@@ -159,7 +166,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         codec = self._codec_for(kv_cache)
         n = slot_mapping.shape[0]
         key, value = key[:n], value[:n]
-        if not codec.calibrated:
+        # CUDA-graph capture writes only padding slots and must not sync: calibration waits for
+        # the first real (eager: prefills are never captured whole) write.
+        capturing = key.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not codec.calibrated and not capturing:
             valid = slot_mapping >= 0
             if not bool(valid.any()):
                 return  # a dummy run: nothing to store, nothing to learn from
@@ -190,28 +200,48 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         m = attn_metadata
         n = m.num_actual_tokens
         q = query[:n]
-        if m.max_query_len > 1 and bool((m.seq_lens == m.query_start_loc.diff()).all()) and key is not None:
-            # Every sequence is a fresh prefill with no cached context: attend to the exact K/V
-            # just computed (as FlashAttention would on bf16). Tokens that read earlier context
-            # always go through the compressed pages.
-            out = self._fresh_prefill(q, key[:n], value[:n], m)
-        else:
-            codec = self._codec_for(kv_cache)
-            pages = kv_cache.view(kv_cache.shape[0], -1)
-            if q.is_cuda and m.max_query_len == 1 and self.sliding_window is None:
-                from ..kernels.decode_attention import decode_attention
-
-                num_reqs = m.seq_lens.shape[0]
-                out = decode_attention(codec, q, pages, m.block_table[:num_reqs],
-                                       m.seq_lens_device[:num_reqs], self.scale)
-            else:
-                out = paged_attention(codec, q, pages, m.block_table, m.seq_lens,
-                                      m.query_start_loc, self.scale, m.causal, self.sliding_window)
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        if m.max_query_len > 1 and key is not None:
+            # Sequences that are fresh prompts (no cached context) attend to the exact K/V just
+            # computed, as FlashAttention does on a bf16 cache. Every token that reads earlier
+            # context (decode, later chunks, prefix hits) goes through the compressed pages.
+            fresh = (m.seq_lens == m.query_start_loc.diff()) & (m.seq_lens > 0)
+            if bool(fresh.any()):
+                fresh_m, fresh_tok = _subset(m, fresh)
+                out[fresh_tok] = self._fresh_prefill(q[fresh_tok], key[:n][fresh_tok],
+                                                     value[:n][fresh_tok], fresh_m)
+                if bool(fresh.all()):
+                    output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
+                    return output
+                m, cached_tok = _subset(m, ~fresh)
+                out[cached_tok] = self._cached_attention(q[cached_tok], kv_cache, m)
+                output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
+                return output
+        out = self._cached_attention(q, kv_cache, m)
         output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
         return output
 
+    def _cached_attention(self, q: torch.Tensor, kv_cache: torch.Tensor,
+                          m: TurboQuantMetadata) -> torch.Tensor:
+        codec = self._codec_for(kv_cache)
+        pages = kv_cache.view(kv_cache.shape[0], -1)
+        num_reqs = m.seq_lens.shape[0]
+        if q.is_cuda:
+            from ..kernels.paged_attention import varlen_attention
+
+            return varlen_attention(codec, q, pages, m.block_table[:num_reqs],
+                                    m.seq_lens_device[:num_reqs],
+                                    m.query_start_loc_device[: num_reqs + 1], self.scale,
+                                    m.max_query_len, self.sliding_window)
+        return paged_attention(codec, q, pages, m.block_table, m.seq_lens, m.query_start_loc,
+                               self.scale, m.causal, self.sliding_window)
+
     def _fresh_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        m: TurboQuantMetadata) -> torch.Tensor:
+        if q.is_cuda and m.causal:
+            out = _flash_attention(q, k, v, m, self.scale, self.sliding_window)
+            if out is not None:
+                return out
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         starts = m.query_start_loc.tolist()
         for a, b in zip(starts[:-1], starts[1:]):
@@ -219,3 +249,44 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 out[a:b] = dense_attention(q[a:b], k[a:b], v[a:b], self.scale, m.causal,
                                            self.sliding_window)
         return out
+
+
+def _subset(m: TurboQuantMetadata, keep: torch.Tensor) -> tuple[TurboQuantMetadata, torch.Tensor]:
+    """The metadata of the sequences in `keep` (host bool [num_reqs]) and the indices of their
+    query tokens (eager, mixed prefill batches only: this reads host tensors)."""
+    num_reqs = keep.shape[0]
+    q_lens = m.query_start_loc.diff()[:num_reqs]
+    tok = torch.repeat_interleave(keep, q_lens).nonzero().squeeze(1)
+    rows = keep.nonzero().squeeze(1)
+    qsl = torch.zeros(rows.shape[0] + 1, dtype=m.query_start_loc.dtype)
+    torch.cumsum(q_lens[rows], 0, out=qsl[1:])
+    dev = m.seq_lens_device.device
+    seq_lens = m.seq_lens[rows]
+    sub = TurboQuantMetadata(
+        num_actual_tokens=int(tok.shape[0]), max_query_len=int(q_lens[rows].max()),
+        max_seq_len=int(seq_lens.max()), query_start_loc=qsl, seq_lens=seq_lens,
+        query_start_loc_device=qsl.to(dev), seq_lens_device=seq_lens.to(dev),
+        block_table=m.block_table[rows.to(m.block_table.device)],
+        slot_mapping=m.slot_mapping, causal=m.causal)
+    return sub, tok.to(dev)
+
+
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: TurboQuantMetadata,
+                     scale: float, sliding_window: int | None) -> torch.Tensor | None:
+    """vLLM's FlashAttention over the fresh prompts' exact K/V (what the bf16 cache would do), or
+    None where this vLLM build has no FlashAttention for the GPU."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import (flash_attn_varlen_func,
+                                                         get_flash_attn_version)
+        version = get_flash_attn_version(head_size=q.shape[-1])
+    except Exception:  # noqa: BLE001 - no FlashAttention in this build: the caller falls back
+        return None
+    if version is None:
+        return None
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    qsl = m.query_start_loc_device
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    return flash_attn_varlen_func(q.to(dtype), k.to(dtype), v.to(dtype), max_seqlen_q=m.max_query_len,
+                                  cu_seqlens_q=qsl, max_seqlen_k=m.max_query_len, cu_seqlens_k=qsl,
+                                  softmax_scale=scale, causal=True, window_size=list(window),
+                                  fa_version=version)

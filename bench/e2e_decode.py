@@ -1,0 +1,83 @@
+"""End-to-end decode throughput on a GPU: vLLM offline, Llama-3.1-8B-shaped dummy model.
+
+    python bench/e2e_decode.py [--prompts 48] [--prompt-len 8192] [--gen 256]
+                               [--dtypes auto,fp8,turboquant_3.5,...] [--eager]
+
+For each kv_cache_dtype, in one process on one machine: engine start time (load, profile,
+compile, CUDA-graph capture), vLLM's KV capacity, prefill time (a 1-token generation of every
+prompt) and decode tokens/s (generated tokens after the first / (full run - prefill run)).
+Prefix caching is off, so the full run prefills again; both runs see the same prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--prompt-len", type=int, default=8192)
+    ap.add_argument("--gen", type=int, default=256)
+    ap.add_argument("--dtypes", default="auto,fp8,turboquant_3.5,turboquant_3.5_mse")
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs/compile)")
+    ap.add_argument("--config", type=Path, default=CONFIGS / "llama-3.1-8b-shape.json",
+                    help="HF config.json of the model shape (weights are dummy)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    args = ap.parse_args()
+    folder = tempfile.mkdtemp()
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(json.loads(args.config.read_text()), f)
+    import torch
+    from vllm import LLM, SamplingParams
+
+    prompts = [{"prompt_token_ids": [(i * 7919 + j * 31) % 120000 + 10 for j in range(args.prompt_len)]}
+               for i in range(args.prompts)]
+    rows = []
+    for dtype in args.dtypes.split(","):
+        t0 = time.time()
+        llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, kv_cache_dtype=dtype,
+                  enforce_eager=args.eager, enable_prefix_caching=False,
+                  max_model_len=args.prompt_len + args.gen + 16,
+                  max_num_seqs=max(args.prompts, 8),
+                  gpu_memory_utilization=args.gpu_memory_utilization)
+        start = time.time() - t0
+        cfg = llm.llm_engine.vllm_config.cache_config
+        capacity = cfg.num_gpu_blocks * cfg.block_size
+        one = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False)
+        full = SamplingParams(max_tokens=args.gen, ignore_eos=True, detokenize=False)
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False))
+        t0 = time.time(); llm.generate(prompts, one, use_tqdm=False); prefill = time.time() - t0
+        t0 = time.time(); out = llm.generate(prompts, full, use_tqdm=False); total = time.time() - t0
+        n = sum(len(o.outputs[0].token_ids) for o in out)
+        rows.append((dtype, start, capacity, prefill, (n - len(prompts)) / max(total - prefill, 1e-9)))
+        print(rows[-1], flush=True)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    commit = os.environ.get("TQ_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    base = {r[0]: r for r in rows}
+    print(f"\n`python bench/e2e_decode.py` on {datetime.date.today()}, {torch.cuda.get_device_name()}, "
+          f"commit {commit or 'unknown'}: {args.prompts} prompts x {args.prompt_len} tokens + "
+          f"{args.gen} generated, {'eager' if args.eager else 'CUDA graphs'}, dummy weights, "
+          f"{args.config.name}.\n")
+    print("| kv_cache_dtype | engine start s | KV capacity (tokens) | prefill s | decode tok/s "
+          "| vs auto | vs fp8 |\n|---|---|---|---|---|---|---|")
+    for dtype, st, cap, pre, tps in rows:
+        rel = lambda k: f"{tps / base[k][4]:.2f}x" if k in base else "n/a"  # noqa: E731
+        print(f"| {dtype} | {st:.0f} | {cap:,} | {pre:.2f} | {tps:.0f} | {rel('auto')} | {rel('fp8')} |")
+
+
+if __name__ == "__main__":
+    main()

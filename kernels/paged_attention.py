@@ -1,0 +1,157 @@
+"""Launcher for the Triton TurboQuant attention kernel (tq_attention.py); the oracle is
+`vllm_turboquant.codec.paged_attention` (see reference.py beside this file).
+
+Per layer and step: rotate the queries once per channel group (and project them by S once for QJL
+keys), run the kernel over (query tile, KV head, split), merge the splits, rotate the value
+accumulator back once and add the value mean. No host synchronisation and no per-request Python:
+grid sizes come from static shapes, so a decode step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_turboquant.codec import LayerKVCodec
+
+from . import next_pow2, tq_attention
+
+_LOG2E = 1.4426950408889634
+_TARGET_PROGRAMS = 528  # ~4 programs per SM on a 132-SM H100
+_NO_WINDOW = 1 << 30
+BLOCK_N = 64
+
+
+class AttentionConstants:
+    """Device copies of one layer codec's rotations, codebooks and per-query-head tables.
+
+    Built once per (codec, device, query heads); `refresh` rewrites them in place when calibration
+    changes the codec, so CUDA graphs captured before calibration read the calibrated values."""
+
+    def __init__(self, codec: LayerKVCodec, num_q_heads: int, device: torch.device):
+        kc = codec.key
+        self.group = num_q_heads // codec.layout.num_kv_heads
+        self.n_o, self.n_r = kc.n_o, kc.n_r
+        self.unit = 32 if (kc.n_o % 32 == 0 and kc.n_r % 32 == 0) else 16
+        self.w_o = self.n_o // self.unit                 # a power of two for every head size
+        self.w_r = next_pow2(-(-self.n_r // self.unit))
+        self.device = device
+        self.version = None
+        self.refresh(codec)
+
+    def refresh(self, codec: LayerKVCodec) -> None:
+        kc, vc, g, dev = codec.key, codec.value, self.group, self.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        fresh = dict(
+            r_ko=kc.outlier.rotation.to(**f32), r_kr=kc.regular.rotation.to(**f32),
+            r_vo=vc.outlier.rotation.to(**f32), r_vr=vc.regular.rotation.to(**f32),
+            cb_ko=kc.outlier.centroids.to(dev, torch.float16),
+            cb_kr=kc.regular.centroids.to(dev, torch.float16),
+            cb_vo=vc.outlier.centroids.to(dev, torch.float16),
+            cb_vr=vc.regular.centroids.to(dev, torch.float16),
+            qjl=(kc.qjl.to(**f32) * kc.qjl_scale) if kc.fmt.has_qjl else torch.zeros(1, **f32),
+            key_perm=codec.key_perm.to(dev).repeat_interleave(g, 0),       # [Hq, d]
+            value_perm=codec.value_perm.to(dev).repeat_interleave(g, 0),   # [Hq, d]
+            value_mean=codec.value_mean.to(**f32).repeat_interleave(g, 0),  # [Hq, d]
+        )
+        for name, t in fresh.items():
+            if self.version is None:
+                setattr(self, name, t.contiguous())
+            else:
+                getattr(self, name).copy_(t)
+        self.has_qjl = kc.fmt.has_qjl
+        self.version = codec.version
+
+    @classmethod
+    def of(cls, codec: LayerKVCodec, num_q_heads: int, device: torch.device) -> "AttentionConstants":
+        key = (str(device), num_q_heads)
+        cache = codec.__dict__.setdefault("_attention_constants", {})
+        c = cache.get(key)
+        if c is None:
+            c = cache[key] = cls(codec, num_q_heads, device)
+        elif c.version != codec.version:
+            c.refresh(codec)
+        return c
+
+
+def _rotate_queries(c: AttentionConstants, query: torch.Tensor):
+    t, hq, d = query.shape
+    qp = torch.gather(query.float(), -1, c.key_perm.expand(t, hq, d))
+    q_o = qp[..., : c.n_o] @ c.r_ko.T
+    q_r = qp[..., c.n_o:] @ c.r_kr.T
+    sq = torch.cat([q_o, q_r], -1) @ c.qjl.T if c.has_qjl else q_o
+    q_r = torch.nn.functional.pad(q_r, (0, c.w_r * c.unit - c.n_r))
+    return q_o.contiguous(), q_r.contiguous(), sq.contiguous()
+
+
+def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor,
+                     query_start_loc: torch.Tensor, scale: float, max_query_len: int,
+                     sliding_window: int | None = None, num_splits: int | None = None,
+                     block_n: int = BLOCK_N, num_warps: int = 4,
+                     target_programs: int = _TARGET_PROGRAMS) -> torch.Tensor:
+    """Sequence i owns queries query[qsl[i]:qsl[i+1]] ([T, Hq, d]), the last positions of its
+    seq_lens[i] tokens, whose K/V are already in the cache [num_blocks, page_bytes]. Causal.
+    max_query_len only picks the tile shape (any upper bound works). Returns [T, Hq, d] float32."""
+    lay = codec.layout
+    num_tokens, hq, d = query.shape
+    num_seqs = seq_lens.shape[0]
+    c = AttentionConstants.of(codec, hq, query.device)
+    kc, vc = codec.key, codec.value
+    q_o, q_r, sq = _rotate_queries(c, query)
+
+    g_p2 = next_pow2(c.group)
+    block_q = 1 if max_query_len == 1 else max(1, 64 // g_p2)
+    block_m = max(16, block_q * g_p2)
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query.device)
+    torch.cumsum((q_lens + block_q - 1) // block_q, 0, out=tiles[1:])
+    max_tiles = num_seqs if block_q == 1 else num_tokens // block_q + num_seqs  # static bound
+
+    max_tokens = block_table.shape[1] * lay.block_size  # static bound: no host sync
+    if num_splits is None:
+        wanted = math.ceil(target_programs / max(1, max_tiles * lay.num_kv_heads))
+        num_splits = max(1, min(wanted, math.ceil(max_tokens / (4 * block_n))))
+    per_split = math.ceil(math.ceil(max_tokens / num_splits) / block_n) * block_n
+    f32 = dict(dtype=torch.float32, device=query.device)
+    # Every (query row, split) is written by exactly one program.
+    part_m = torch.empty(num_tokens, hq, num_splits, **f32)
+    part_l = torch.empty(num_tokens, hq, num_splits, **f32)
+    part_o = torch.empty(num_tokens, hq, num_splits, c.w_o * c.unit, **f32)
+    part_r = torch.empty(num_tokens, hq, num_splits, c.w_r * c.unit, **f32)
+
+    off = {name: r.offset for name, r in lay.regions.items()}
+    tq_attention.tq_attention_kernel[(max_tiles, lay.num_kv_heads, num_splits)](
+        q_o, q_r, sq, cache, block_table, seq_lens, query_start_loc, tiles,
+        c.cb_ko, c.cb_kr, c.cb_vo, c.cb_vr, part_m, part_l, part_o, part_r,
+        scale * _LOG2E, block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
+        num_seqs, sliding_window or _NO_WINDOW,
+        HQ=hq, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m, D=d, N_O=c.n_o,
+        N_R=c.n_r, NW_O=c.w_o, NW_R=c.w_r, U=c.unit, BS=lay.block_size, BLOCK_N=block_n,
+        SPLITS=num_splits, KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits,
+        VBO=vc.fmt.outlier_bits, VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,
+        OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"], OFF_KS=off.get("k.signs", 0),
+        OFF_KGO=off["k.gamma_o"], OFF_KGR=off["k.gamma_r"], OFF_KRN=off.get("k.rnorm", 0),
+        OFF_VCO=off["v.codes_o"], OFF_VCR=off["v.codes_r"], OFF_VGO=off["v.gamma_o"],
+        OFF_VGR=off["v.gamma_r"], num_warps=num_warps,
+    )
+
+    # Merge the splits (base-2 log-sum-exp), then rotate the value accumulator back once.
+    top = part_m.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.exp2(part_m - top)                                       # empty splits: weight 0
+    denom = (w * part_l).sum(-1, keepdim=True).clamp_min(1e-30)
+    acc_o = (w.unsqueeze(-1) * part_o).sum(-2) / denom
+    acc_r = (w.unsqueeze(-1) * part_r).sum(-2)[..., : c.n_r] / denom
+    out_perm = torch.cat([acc_o @ c.r_vo, acc_r @ c.r_vr], -1)
+    out = torch.empty_like(out_perm).scatter_(-1, c.value_perm.expand(num_tokens, hq, d), out_perm)
+    return out + c.value_mean
+
+
+def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     sliding_window: int | None = None, **tuning) -> torch.Tensor:
+    """One query token per sequence: query [B, Hq, d] → [B, Hq, d] float32."""
+    qsl = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
+    return varlen_attention(codec, query, cache, block_table, seq_lens, qsl, scale, 1,
+                            sliding_window, **tuning)

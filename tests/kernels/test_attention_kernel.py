@@ -1,0 +1,89 @@
+"""The Triton attention kernel against the codec's paged attention (the oracle).
+
+On CPU these run under Triton's interpreter (TRITON_INTERPRET=1, tiny shapes), launched by
+tests/test_kernels_interpreted.py; on a GPU machine run `pytest tests/kernels` directly."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from vllm_turboquant.codec import FORMATS, LayerKVCodec, page_layout, paged_attention  # noqa: E402
+from vllm_turboquant.kernels.paged_attention import decode_attention, varlen_attention  # noqa: E402
+
+from ..test_packed_attention import build_cache  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _codec(name, d, kv_heads, block_size, gen):
+    codec = LayerKVCodec(page_layout(name, d, block_size, kv_heads))
+    calib_k = torch.randn(32, kv_heads, d, generator=gen) * 2 + 0.3
+    codec.calibrate(calib_k, torch.randn(32, kv_heads, d, generator=gen))
+    return codec
+
+
+def _rel_err(got, want):
+    return ((got.cpu() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("d,kv_heads,gqa,block_size", [(64, 2, 3, 16), (128, 1, 4, 32),
+                                                       (256, 1, 1, 16), (128, 1, 8, 16)])
+def test_decode_matches_the_codec(name, d, kv_heads, gqa, block_size, gen):
+    codec = _codec(name, d, kv_heads, block_size, gen)
+    seq_lens = [1, 16, 37]
+    cache, table, _ = build_cache(codec, seq_lens, gen, num_blocks=12)
+    query = torch.randn(len(seq_lens), kv_heads * gqa, d, generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    want = paged_attention(codec, query, cache, table, lens,
+                           torch.arange(len(seq_lens) + 1), d ** -0.5)
+    dev = lambda x: x.to(DEVICE)  # noqa: E731
+    for splits in (1, 2):
+        got = decode_attention(codec, dev(query), dev(cache), dev(table), dev(lens), d ** -0.5,
+                               num_splits=splits)
+        assert _rel_err(got, want) <= 1e-2, splits
+
+
+@pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_2.5_mse"])
+@pytest.mark.parametrize("window", [None, 20])
+def test_mixed_batch_of_decode_and_chunks_over_cached_context(name, window, gen):
+    # decode, a chunk of 5 over 12 cached tokens, a whole fresh prompt, a 3-token speculative step
+    d, kv_heads, gqa = 64, 2, 4
+    codec = _codec(name, d, kv_heads, 16, gen)
+    seq_lens, q_lens = [33, 17, 40, 9], [1, 5, 40, 3]
+    cache, table, _ = build_cache(codec, seq_lens, gen, num_blocks=16)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    query = torch.randn(int(qsl[-1]), kv_heads * gqa, d, generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    want = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5,
+                           sliding_window=window)
+    dev = lambda x: x.to(DEVICE)  # noqa: E731
+    got = varlen_attention(codec, dev(query), dev(cache), dev(table), dev(lens), dev(qsl),
+                           d ** -0.5, max(q_lens), sliding_window=window, num_splits=2)
+    assert _rel_err(got, want) <= 1e-2
+
+
+def test_constants_follow_calibration_in_place(gen):
+    # CUDA graphs keep the buffers they captured: a later calibration must rewrite them in place.
+    codec = LayerKVCodec(page_layout("turboquant_3.5_mse", 64, 16, 1))
+    from vllm_turboquant.kernels.paged_attention import AttentionConstants
+
+    before = AttentionConstants.of(codec, 2, torch.device(DEVICE))
+    ptr = before.key_perm.data_ptr()
+    codec.calibrate(torch.randn(32, 1, 64, generator=gen) * 3, torch.randn(32, 1, 64, generator=gen))
+    after = AttentionConstants.of(codec, 2, torch.device(DEVICE))
+    assert after is before and after.key_perm.data_ptr() == ptr
+    assert torch.equal(after.key_perm[0].cpu(), codec.key_perm[0].cpu())
+
+
+def test_sliding_window_never_reads_pages_before_the_window(gen):
+    codec = _codec("turboquant_3.5", 64, 1, 16, gen)
+    cache, table, _ = build_cache(codec, [70], gen, num_blocks=8)
+    query = torch.randn(1, 2, 64, generator=gen)
+    lens = torch.tensor([70], dtype=torch.int32)
+    want = paged_attention(codec, query, cache, table, lens, torch.tensor([0, 1]), 0.125,
+                           sliding_window=20)
+    cache[table[0, :3].long()] = 0xFF  # positions 0..47: NaN norms, junk codes
+    got = decode_attention(codec, query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE),
+                           lens.to(DEVICE), 0.125, sliding_window=20)
+    assert torch.isfinite(got).all() and _rel_err(got, want) <= 1e-2
