@@ -17,9 +17,11 @@ from vllm_turboquant.codec import LayerKVCodec
 from . import next_pow2, tq_attention
 
 _LOG2E = 1.4426950408889634
-_TARGET_PROGRAMS = 528  # ~4 programs per SM on a 132-SM H100
+# Tuned on an H100 at 16 sequences x 32k (bench/kernel_decode.py --sweep): decode tiles of 128
+# cached tokens, ~8 programs per SM; multi-token tiles (64 query rows) use 64 to bound registers.
+_TARGET_PROGRAMS = 1056
 _NO_WINDOW = 1 << 30
-BLOCK_N = 64
+DECODE_BLOCK_N, PREFILL_BLOCK_N = 128, 64
 
 
 class AttentionConstants:
@@ -88,7 +90,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      query_start_loc: torch.Tensor, scale: float, max_query_len: int,
                      sliding_window: int | None = None, num_splits: int | None = None,
-                     block_n: int = BLOCK_N, num_warps: int = 4,
+                     block_n: int | None = None, num_warps: int = 4,
                      target_programs: int = _TARGET_PROGRAMS) -> torch.Tensor:
     """Sequence i owns queries query[qsl[i]:qsl[i+1]] ([T, Hq, d]), the last positions of its
     seq_lens[i] tokens, whose K/V are already in the cache [num_blocks, page_bytes]. Causal.
@@ -103,6 +105,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     g_p2 = next_pow2(c.group)
     block_q = 1 if max_query_len == 1 else max(1, 64 // g_p2)
     block_m = max(16, block_q * g_p2)
+    block_n = block_n or (DECODE_BLOCK_N if block_q == 1 else PREFILL_BLOCK_N)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query.device)
     torch.cumsum((q_lens + block_q - 1) // block_q, 0, out=tiles[1:])
