@@ -48,7 +48,7 @@ class _TensorConstants:
         return out
 
 
-def _constants(codec: LayerKVCodec, device) -> tuple[_TensorConstants, _TensorConstants]:
+def device_constants(codec: LayerKVCodec, device) -> tuple[_TensorConstants, _TensorConstants]:
     # Built once per codec and device, then rewritten in place when calibration bumps the codec's
     # version: CUDA graphs captured before calibration keep pointing at the same buffers.
     cache = codec.__dict__.setdefault("_write_constants", {})
@@ -75,7 +75,7 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
     if lay.head_dim > MAX_HEAD_DIM and cache.is_cuda:
         codec.write(cache, slots, key, value)
         return
-    kconst, vconst = _constants(codec, key.device)
+    kconst, vconst = device_constants(codec, key.device)
     off = {name: r.offset for name, r in lay.regions.items()}
     for prefix, tc, c, x in (("k", codec.key, kconst, key), ("v", codec.value, vconst, value)):
         tq_write.tq_write_kernel[(triton.cdiv(n, BLOCK_T), lay.num_kv_heads)](

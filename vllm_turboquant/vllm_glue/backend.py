@@ -104,6 +104,15 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = \
         AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        from ..kernels.cache_write import MAX_HEAD_DIM
+
+        if kv_cache_spec.head_size > MAX_HEAD_DIM:
+            # Those layers write through the PyTorch codec (host syncs): no graph may hold them.
+            return AttentionCGSupport.NEVER
+        return cls._cudagraph_support
+
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
@@ -172,6 +181,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if not codec.calibrated and not capturing:
             valid = slot_mapping >= 0
             if not bool(valid.any()):
+                if key.is_cuda:  # build the kernels' device tables now, never inside a capture
+                    from ..kernels.cache_write import device_constants
+
+                    device_constants(codec, key.device)
                 return  # a dummy run: nothing to store, nothing to learn from
             codec.calibrate(key[valid], value[valid])
         pages = kv_cache.view(kv_cache.shape[0], -1)
