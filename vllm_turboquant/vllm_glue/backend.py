@@ -219,13 +219,14 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             # computed, as FlashAttention does on a bf16 cache. Every token that reads earlier
             # context (decode, later chunks, prefix hits) goes through the compressed pages.
             fresh = (m.seq_lens == m.query_start_loc.diff()) & (m.seq_lens > 0)
+            if bool(fresh.all()):
+                out = self._fresh_prefill(q, key[:n], value[:n], m)
+                output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
+                return output
             if bool(fresh.any()):
                 fresh_m, fresh_tok = _subset(m, fresh)
                 out[fresh_tok] = self._fresh_prefill(q[fresh_tok], key[:n][fresh_tok],
-                                                     value[:n][fresh_tok], fresh_m)
-                if bool(fresh.all()):
-                    output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
-                    return output
+                                                     value[:n][fresh_tok], fresh_m).float()
                 m, cached_tok = _subset(m, ~fresh)
                 out[cached_tok] = self._cached_attention(q[cached_tok], kv_cache, m)
                 output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
