@@ -66,7 +66,8 @@ def _find_seq(CU_TILES, tile, num_seqs):
     return lo
 
 
-@triton.jit
+# Runtime sizes must not specialise the kernel: a new batch size mid-serving would recompile.
+@triton.jit(do_not_specialize=["stride_bt", "tokens_per_split", "num_seqs", "window"])
 def tq_attention_kernel(
     Q_O, Q_R, SQ, CACHE, BLOCK_TABLE, SEQ_LENS, QUERY_START, CU_TILES,
     CB_KO, CB_KR, CB_VO, CB_VR, PART_M, PART_L, PART_O, PART_R,

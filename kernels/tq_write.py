@@ -1,7 +1,7 @@
 """Triton cache write: quantize new K or V vectors and store them into their slots' pages.
 
 One program per (tile of BLOCK_T tokens, KV head): remove the head's mean, gather the channel split,
-rotate each group with tl.dot (IEEE fp32: codes sit on bucket boundaries), bucketize against the
+rotate each group with tl.dot (tf32x3: fp32-accurate on tensor cores), bucketize against the
 Lloyd-Max boundaries, norm-correct, and for QJL keys project the residual by S and keep its signs
 and norm; then pack the bit planes and store every region row at the token's slot (slot -1: skip).
 The codec's `LayerKVCodec.write` is the oracle.
@@ -21,7 +21,7 @@ def _rotate_group(X, MEAN, PERM, R, row, h, tok_mask, D: tl.constexpr, START: tl
                 other=0.0).to(tl.float32)
     x = x - tl.load(MEAN + h * D + chan, mask=cmask, other=0.0)[None, :]
     rot = tl.load(R + c[:, None] * N_PAD + c[None, :])  # zero-padded [N_PAD, N_PAD]
-    return tl.dot(x, tl.trans(rot), input_precision="ieee")
+    return tl.dot(x, tl.trans(rot), input_precision="tf32x3")
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def _store_norm(head_base, off, tok_mask, value, OFF: tl.constexpr):
              mask=tok_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # batch sizes must not recompile
 def tq_write_kernel(
     X, SLOTS, CACHE, MEAN, PERM, R_O, R_R, B_O, B_R, C_O, C_R, S_O, S_R,
     num_tokens, page_bytes, head_stride,
@@ -94,8 +94,8 @@ def tq_write_kernel(
         d = tl.arange(0, D)
         s_o = tl.load(S_O + d[:, None] * N_O + tl.arange(0, N_O)[None, :])        # S[:, :n_o]
         s_r = tl.load(S_R + d[:, None] * N_R_PAD + tl.arange(0, N_R_PAD)[None, :])  # S[:, n_o:]
-        proj = tl.dot(res_o, tl.trans(s_o), input_precision="ieee")
-        proj += tl.dot(res_r, tl.trans(s_r), input_precision="ieee")
+        proj = tl.dot(res_o, tl.trans(s_o), input_precision="tf32x3")
+        proj += tl.dot(res_r, tl.trans(s_r), input_precision="tf32x3")
         _store_planes(head_base, off, tok_mask, (proj >= 0).to(tl.int32), OFF_S, D, D, 1)
         rnorm = tl.sqrt(tl.sum(res_o * res_o, 1) + tl.sum(res_r * res_r, 1))
         _store_norm(head_base, off, tok_mask, tl.minimum(rnorm, 65504.0), OFF_RN)
