@@ -158,3 +158,17 @@ def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     qsl = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
     return varlen_attention(codec, query, cache, block_table, seq_lens, qsl, scale, 1,
                             sliding_window, **tuning)
+
+
+def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
+            sliding_window: int | None = None) -> None:
+    """Compile the decode and the multi-token variants now (engine start-up), on two scratch
+    pages, so no request ever waits for Triton's JIT."""
+    lay = codec.layout
+    pages = torch.zeros(2, lay.page_bytes, dtype=torch.uint8, device=device)
+    table = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    lens = torch.tensor([lay.block_size + 1], dtype=torch.int32, device=device)
+    for q_len in (1, 2):
+        query = torch.zeros(q_len, num_q_heads, lay.head_dim, device=device)
+        qsl = torch.tensor([0, q_len], dtype=torch.int32, device=device)
+        varlen_attention(codec, query, pages, table, lens, qsl, 1.0, q_len, sliding_window)

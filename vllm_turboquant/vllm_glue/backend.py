@@ -181,10 +181,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if not codec.calibrated and not capturing:
             valid = slot_mapping >= 0
             if not bool(valid.any()):
-                if key.is_cuda:  # build the kernels' device tables now, never inside a capture
-                    from ..kernels.cache_write import device_constants
-
-                    device_constants(codec, key.device)
+                if key.is_cuda:  # build device tables and compile now, never inside a capture
+                    self._prepare_kernels(codec, key.device)
                 return  # a dummy run: nothing to store, nothing to learn from
             codec.calibrate(key[valid], value[valid])
         pages = kv_cache.view(kv_cache.shape[0], -1)
@@ -194,6 +192,16 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             write_kv(codec, pages, slot_mapping, key, value)
         else:
             codec.write(pages, slot_mapping, key, value)
+
+    def _prepare_kernels(self, codec: LayerKVCodec, device: torch.device) -> None:
+        if getattr(self, "_kernels_ready", False):
+            return
+        from ..kernels.cache_write import device_constants
+        from ..kernels.paged_attention import warm_up
+
+        device_constants(codec, device)
+        warm_up(codec, self.num_heads, device, self.sliding_window)
+        self._kernels_ready = True
 
     def _kv_block_size(self, kv_cache: torch.Tensor) -> int:
         # page_bytes = block_size · num_kv_heads · slot_bytes; recover block_size from the view.
