@@ -67,16 +67,17 @@ def _find_seq(CU_TILES, tile, num_seqs):
 
 
 # Runtime sizes must not specialise the kernel: a new batch size mid-serving would recompile.
-@triton.jit(do_not_specialize=["stride_bt", "tokens_per_split", "num_seqs", "window"])
+@triton.jit(do_not_specialize=["stride_bt", "tokens_per_split", "num_splits", "num_seqs",
+                              "window"])
 def tq_attention_kernel(
     Q_O, Q_R, SQ, CACHE, BLOCK_TABLE, SEQ_LENS, QUERY_START, CU_TILES,
     CB_KO, CB_KR, CB_VO, CB_VR, PART_M, PART_L, PART_O, PART_R,
-    scale_log2e, stride_bt, page_bytes, head_stride, tokens_per_split, num_seqs, window,
+    scale_log2e, stride_bt, page_bytes, head_stride, tokens_per_split, num_splits, num_seqs, window,
     HQ: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
     NW_O: tl.constexpr, NW_R: tl.constexpr,  # words per plane, padded to a power of 2
     U: tl.constexpr, BS: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
+    BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
     VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr,
     OFF_KCO: tl.constexpr, OFF_KCR: tl.constexpr, OFF_KS: tl.constexpr, OFF_KGO: tl.constexpr,
     OFF_KGR: tl.constexpr, OFF_KRN: tl.constexpr, OFF_VCO: tl.constexpr, OFF_VCR: tl.constexpr,
@@ -152,7 +153,7 @@ def tq_attention_kernel(
         acc_r = acc_r * alpha[:, None] + tl.dot(p_r, v_r)
         m_i = m_new
 
-    part = row * SPLITS + split
+    part = row * num_splits + split
     tl.store(PART_M + part, m_i, mask=row_ok)
     tl.store(PART_L + part, l_i, mask=row_ok)
     tl.store(PART_O + part[:, None] * (NW_O * U) + n_o[None, :], acc_o, mask=row_ok[:, None])
