@@ -158,7 +158,8 @@ def _needle_run(llm, prompts: list[tuple[str, str, list[int]]]) -> dict[str, flo
     return {cell: sum(v) / len(v) for cell, v in hits.items()}
 
 
-def evaluate(cfg: dict, log=print) -> tuple[list[DtypeResult], dict]:
+def evaluate(cfg: dict, log=print, on_result=None) -> tuple[list[DtypeResult], dict]:
+    """Runs every dtype of cfg; on_result(results, meta) after each one (partial tables)."""
     from transformers import AutoConfig, AutoTokenizer
 
     model = resolve_model(cfg["model"])
@@ -207,11 +208,16 @@ def evaluate(cfg: dict, log=print) -> tuple[list[DtypeResult], dict]:
         log(f"    ppl {r.ppl:.3f}  top-1 {r.top1:.3f}  KL {r.kl_top20:.4f}  "
             f"needle {needle_mean:.2f}  ({r.seconds:.0f} s)")
         results.append(r)
-    meta = dict(model=cfg["model"], head_dim=head_dim, windows=n_windows, window=window,
+        if on_result:
+            on_result(results, _meta(cfg, head_dim, n_windows, window, lengths, needle))
+    return results, _meta(cfg, head_dim, n_windows, window, lengths, needle)
+
+
+def _meta(cfg, head_dim, n_windows, window, lengths, needle) -> dict:
+    return dict(model=cfg["model"], head_dim=head_dim, windows=n_windows, window=window,
                 chunk=cfg["chunk"], needle_lengths=lengths, needle_depths=needle.get("depths", []),
                 needle_trials=needle.get("trials", 0), date=str(datetime.date.today()),
                 device=_device_name())
-    return results, meta
 
 
 def _device_name() -> str:
@@ -322,15 +328,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg.setdefault("enforce_eager", True)
     else:
         cfg.setdefault("enforce_eager", False)
-    results, meta = evaluate(cfg, log=lambda s: print(s, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(str(cfg["model"])).name.replace("/", "_")
     command = "python -m vllm_turboquant.eval " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = markdown(results, meta, command.strip())
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
+
+    def write(results: list[DtypeResult], meta: dict) -> str:
+        text = markdown(results, meta, command.strip())
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(
+            {"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
+        return text
+
+    results, meta = evaluate(cfg, log=lambda s: print(s, flush=True), on_result=write)
+    text = write(results, meta)
     plotted = plot(results, meta, out / f"{stem}.png")
     print(text)
     print(f"wrote {out / (stem + '.md')}" + (f", {out / (stem + '.png')}" if plotted else ""))
