@@ -108,7 +108,9 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
         from ..kernels.cache_write import MAX_HEAD_DIM
 
-        if kv_cache_spec.head_size > MAX_HEAD_DIM:
+        specs = getattr(kv_cache_spec, "kv_cache_specs", None)  # hybrid models: one per layer
+        sizes = [sp.head_size for sp in specs.values()] if specs else [kv_cache_spec.head_size]
+        if max(sizes) > MAX_HEAD_DIM:
             # Those layers write through the PyTorch codec (host syncs): no graph may hold them.
             return AttentionCGSupport.NEVER
         return cls._cudagraph_support
@@ -231,7 +233,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 out = self._fresh_prefill(q, key[:n], value[:n], m)
                 output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
                 return output
-            if bool(fresh.any()):
+            # Per-sequence split on CUDA only (prefill speed); the CPU path keeps the all-or-nothing
+            # rule its preemption/resume equivalence test was measured with.
+            if q.is_cuda and bool(fresh.any()):
                 fresh_m, fresh_tok = _subset(m, fresh)
                 out[fresh_tok] = self._fresh_prefill(q[fresh_tok], key[:n][fresh_tok],
                                                      value[:n][fresh_tok], fresh_m).float()
