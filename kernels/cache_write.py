@@ -16,12 +16,11 @@ MAX_HEAD_DIM = 128
 
 
 class _TensorConstants:
-    """Device copies of one tensor codec's tables. Refreshed in place (see `_constants`)."""
+    """Device copies of one tensor codec's tables. Refreshed in place (see `device_constants`)."""
 
     def __init__(self, tc: TensorCodec, perm: torch.Tensor, mean: torch.Tensor, device):
         self.n_r_pad = next_pow2(tc.n_r)
-        self.tables = self._tables(tc, perm, mean, device)
-        for name, t in self.tables.items():
+        for name, t in self._tables(tc, perm, mean, device).items():
             setattr(self, name, t)
 
     def refresh(self, tc: TensorCodec, perm: torch.Tensor, mean: torch.Tensor, device) -> None:

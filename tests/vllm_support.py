@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 from pathlib import Path
 
+from vllm_turboquant.eval import llm_engine
 from vllm_turboquant.models import smollm2_path
 
 CHUNK = 64  # max_num_batched_tokens: later chunks attend to earlier ones through the cache
@@ -14,20 +14,12 @@ CHUNK = 64  # max_num_batched_tokens: later chunks attend to earlier ones throug
 
 @contextlib.contextmanager
 def engine(kv_cache_dtype: str, model: str | None = None, **kwargs):
-    from vllm import LLM
-
     args = dict(model=model or str(smollm2_path()), kv_cache_dtype=kv_cache_dtype,
                 enforce_eager=True, max_model_len=2048, max_num_batched_tokens=CHUNK,
                 enable_chunked_prefill=True, disable_log_stats=False, seed=0)
     args.update(kwargs)
-    llm = LLM(**args)
-    try:
+    with llm_engine(**args) as llm:
         yield llm
-    finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
 
 
 def kv_capacity_tokens(llm) -> int:

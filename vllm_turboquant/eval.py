@@ -51,10 +51,15 @@ class DtypeResult:
     seconds: float = 0.0
 
 
-def bytes_per_token_head(dtype: str, head_dim: int) -> float:
+def bytes_per_token_head(dtype: str, head_dim: int) -> float | None:
+    """K and V bytes per token and KV head; None for dtypes whose layout we do not know."""
     if dtype in FORMATS:
         return float(FORMATS[dtype].bytes_per_token_head(head_dim))
-    return {"auto": 4.0, "fp8": 2.0}.get(dtype, 2.0 if "fp8" in dtype else 4.0) * head_dim
+    if dtype in ("auto", "bfloat16", "float16"):
+        return 4.0 * head_dim
+    if dtype.startswith("fp8"):
+        return 2.0 * head_dim
+    return None
 
 
 def resolve_model(name: str) -> str:
@@ -66,12 +71,11 @@ def resolve_model(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _engine(model: str, dtype: str, chunk: int, max_model_len: int, device_args: dict):
+def llm_engine(**llm_args):
+    """vLLM's LLM(**llm_args), shut down and released on exit (several engines run in turn)."""
     from vllm import LLM
 
-    llm = LLM(model=model, kv_cache_dtype=dtype, max_model_len=max_model_len,
-              max_num_batched_tokens=max(chunk, 1), enable_chunked_prefill=True,
-              enable_prefix_caching=False, seed=0, max_logprobs=20, **device_args)
+    llm = LLM(**llm_args)
     try:
         yield llm
     finally:
@@ -79,6 +83,12 @@ def _engine(model: str, dtype: str, chunk: int, max_model_len: int, device_args:
             llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def _engine(model: str, dtype: str, chunk: int, max_model_len: int, device_args: dict):
+    return llm_engine(model=model, kv_cache_dtype=dtype, max_model_len=max_model_len,
+                      max_num_batched_tokens=max(chunk, 1), enable_chunked_prefill=True,
+                      enable_prefix_caching=False, seed=0, max_logprobs=20, **device_args)
 
 
 def _quality_run(llm, windows: list[list[int]]) -> list:
@@ -105,16 +115,14 @@ def needle_prompts(tokenizer, lengths: list[int], depths: list[float], trials: i
     """(cell, code, prompt token ids): haystacks of real text cut to `length` tokens in total,
     the needle sentence inserted at `depth` of the haystack, the question at the end."""
     rng = random.Random(seed)
-    text = corpus.documents()
-    pool = tokenizer.encode("\n\n".join(text), add_special_tokens=False)
+    pool = tokenizer.encode("\n\n".join(corpus.documents()), add_special_tokens=False)
+    head, tail = _chat_parts(tokenizer)
     out = []
     for length in lengths:
         for depth in depths:
             for _ in range(trials):
                 code = str(rng.randrange(1_000_000, 10_000_000))
                 needle = tokenizer.encode(" " + NEEDLE.format(code=code) + " ", add_special_tokens=False)
-                tail = _chat_tail(tokenizer)
-                head = _chat_head(tokenizer)
                 room = length - len(needle) - len(tail) - len(head)
                 start = rng.randrange(0, len(pool) - room)
                 hay = pool[start:start + room]
@@ -122,14 +130,6 @@ def needle_prompts(tokenizer, lengths: list[int], depths: list[float], trials: i
                 out.append((f"{length}@{int(depth * 100)}", code,
                             head + hay[:cut] + needle + hay[cut:] + tail))
     return out
-
-
-def _chat_head(tokenizer) -> list[int]:
-    return _chat_parts(tokenizer)[0]
-
-
-def _chat_tail(tokenizer) -> list[int]:
-    return _chat_parts(tokenizer)[1]
 
 
 def _chat_parts(tokenizer) -> tuple[list[int], list[int]]:
@@ -240,12 +240,13 @@ def markdown(results: list[DtypeResult], meta: dict, command: str) -> str:
              "| kv_cache_dtype | bytes/token/KV head | PPL | PPL vs auto | mean KL (top-20) | "
              "top-1 agreement | needle accuracy |", "|---|---|---|---|---|---|---|"]
     for r in results:
+        size = f"{r.bytes_per_token_head:.0f}" if r.bytes_per_token_head else "?"
         if r.error:
-            lines.append(f"| {r.dtype} | {r.bytes_per_token_head:.0f} | not run: {r.error} | | | | |")
+            lines.append(f"| {r.dtype} | {size} | not run: {r.error} | | | | |")
             continue
         rel = f"{100 * (r.ppl / ref.ppl - 1):+.1f}%" if ref else "n/a"
         needle = f"{sum(r.needle.values()) / len(r.needle):.3f}" if r.needle else "n/a"
-        lines.append(f"| {r.dtype} | {r.bytes_per_token_head:.0f} | {r.ppl:.3f} | {rel} | "
+        lines.append(f"| {r.dtype} | {size} | {r.ppl:.3f} | {rel} | "
                      f"{r.kl_top20:.4f} | {r.top1:.3f} | {needle} |")
     cells = sorted({c for r in results for c in r.needle},
                    key=lambda c: tuple(int(x) for x in c.split("@")))
@@ -270,7 +271,7 @@ def plot(results: list[DtypeResult], meta: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    ok = [r for r in results if not r.error]
+    ok = [r for r in results if not r.error and r.bytes_per_token_head]
     for ax, key, label in ((axes[0], "kl_top20", "mean KL vs bf16 (top-20)"),
                            (axes[1], "top1", "top-1 agreement with bf16")):
         for r in ok:

@@ -222,30 +222,31 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             return output.fill_(0)
         m = attn_metadata
         n = m.num_actual_tokens
-        q = query[:n]
-        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        out = self._attend(query[:n], key, value, kv_cache, m)
+        output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
+        return output
+
+    def _attend(self, q: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
+                kv_cache: torch.Tensor, m: TurboQuantMetadata) -> torch.Tensor:
+        n = q.shape[0]
         if m.max_query_len > 1 and key is not None:
             # Sequences that are fresh prompts (no cached context) attend to the exact K/V just
             # computed, as FlashAttention does on a bf16 cache. Every token that reads earlier
             # context (decode, later chunks, prefix hits) goes through the compressed pages.
-            fresh = (m.seq_lens == m.query_start_loc.diff()) & (m.seq_lens > 0)
+            fresh = m.seq_lens == m.query_start_loc.diff()
             if bool(fresh.all()):
-                out = self._fresh_prefill(q, key[:n], value[:n], m)
-                output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
-                return output
+                return self._fresh_prefill(q, key[:n], value[:n], m)
             # Per-sequence split on CUDA only (prefill speed); the CPU path keeps the all-or-nothing
             # rule its preemption/resume equivalence test was measured with.
             if q.is_cuda and bool(fresh.any()):
+                out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
                 fresh_m, fresh_tok = _subset(m, fresh)
                 out[fresh_tok] = self._fresh_prefill(q[fresh_tok], key[:n][fresh_tok],
                                                      value[:n][fresh_tok], fresh_m).float()
-                m, cached_tok = _subset(m, ~fresh)
-                out[cached_tok] = self._cached_attention(q[cached_tok], kv_cache, m)
-                output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
-                return output
-        out = self._cached_attention(q, kv_cache, m)
-        output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
-        return output
+                cached_m, cached_tok = _subset(m, ~fresh)
+                out[cached_tok] = self._cached_attention(q[cached_tok], kv_cache, cached_m)
+                return out
+        return self._cached_attention(q, kv_cache, m)
 
     def _cached_attention(self, q: torch.Tensor, kv_cache: torch.Tensor,
                           m: TurboQuantMetadata) -> torch.Tensor:
