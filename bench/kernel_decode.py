@@ -18,7 +18,8 @@ import subprocess
 import torch
 import triton
 
-from vllm_turboquant.codec import FORMATS, LayerKVCodec, page_layout
+from vllm_turboquant.codec import FORMATS, LayerKVCodec, RecentTokens, page_layout
+from vllm_turboquant.codec.recent import page_checksum
 from vllm_turboquant.kernels.paged_attention import decode_attention
 
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -31,7 +32,9 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / ms / 1e6  # GB/s
 
 
-def turboquant_case(fmt: str, batch: int, ctx: int, **tuning):
+def turboquant_case(fmt: str, batch: int, ctx: int, exact: int = 0, **tuning):
+    """`exact` > 0: every sequence's newest `exact` tokens also have valid exact copies, so the
+    kernel takes the tag-checked path for its last tiles (the serving default)."""
     lay = page_layout(fmt, D, BS, HKV)
     codec = LayerKVCodec(lay)
     codec.calibrate(torch.randn(64, HKV, D), torch.randn(64, HKV, D))
@@ -45,7 +48,18 @@ def turboquant_case(fmt: str, batch: int, ctx: int, **tuning):
     table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
-    fn = lambda: decode_attention(codec, q, cache, table, lens, D ** -0.5, **tuning)  # noqa: E731
+    recent = None
+    if exact:
+        recent = RecentTokens(batch, exact, HKV, D, "cuda")
+        pos = torch.arange(ctx - exact, ctx, device="cuda")
+        slots = (table[:, pos // BS].long() * BS + pos % BS).flatten()          # [batch · exact]
+        entries = (torch.arange(batch, device="cuda")[:, None] * exact + pos % exact).flatten()
+        recent.tag[entries, :, 0] = slots.to(torch.int32)[:, None]
+        recent.tag[entries, :, 1] = page_checksum(codec, cache, slots)
+        recent.key.normal_()
+        recent.value.normal_()
+    fn = lambda: decode_attention(codec, q, cache, table, lens, D ** -0.5, recent=recent,  # noqa: E731
+                                  **tuning)
     return fn, batch * ctx * HKV * lay.slot_bytes
 
 
@@ -103,6 +117,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="1024,4096,16384,32768")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--formats", default="turboquant_3.5,turboquant_3.5_mse")
+    ap.add_argument("--exact", type=int, default=64,
+                    help="also time each format with this many exact newest tokens (0: don't)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true",
                     help="time BLOCK_N x num_warps x programs at batch 16 x 32k and exit")
@@ -121,7 +137,11 @@ def main() -> None:
         for ctx in map(int, args.contexts.split(",")):
             cases = [("FA3 bf16", lambda: fa3_case(batch, ctx, False)),
                      ("FA3 fp8", lambda: fa3_case(batch, ctx, True))]
-            cases += [(f, lambda f=f: turboquant_case(f, batch, ctx)) for f in args.formats.split(",")]
+            for f in args.formats.split(","):
+                cases.append((f, lambda f=f: turboquant_case(f, batch, ctx)))
+                if args.exact:
+                    cases.append((f"{f} + newest {args.exact} exact",
+                                  lambda f=f: turboquant_case(f, batch, ctx, args.exact)))
             base = None
             for name, make in cases:
                 try:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from vllm_turboquant.codec import LayerKVCodec
+from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 
 from . import next_pow2, tq_attention
 
@@ -91,10 +91,13 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
                      query_start_loc: torch.Tensor, scale: float, max_query_len: int,
                      sliding_window: int | None = None, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int = 4,
-                     target_programs: int = _TARGET_PROGRAMS) -> torch.Tensor:
+                     target_programs: int = _TARGET_PROGRAMS,
+                     recent: RecentTokens | None = None) -> torch.Tensor:
     """Sequence i owns queries query[qsl[i]:qsl[i+1]] ([T, Hq, d]), the last positions of its
     seq_lens[i] tokens, whose K/V are already in the cache [num_blocks, page_bytes]. Causal.
-    max_query_len only picks the tile shape (any upper bound works). Returns [T, Hq, d] float32."""
+    max_query_len only picks the tile shape (any upper bound works). With `recent`, sequence i
+    (batch row i) reads its newest positions from their exact copies where the tags match.
+    Returns [T, Hq, d] float32."""
     lay = codec.layout
     num_tokens, hq, d = query.shape
     num_seqs = seq_lens.shape[0]
@@ -124,16 +127,19 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     part_r = torch.empty(num_tokens, hq, num_splits, c.w_r * c.unit, **f32)
 
     off = {name: r.offset for name, r in lay.regions.items()}
+    st = (recent.key, recent.value, recent.tag) if recent is not None else (cache, cache, cache)
     tq_attention.tq_attention_kernel[(max_tiles, lay.num_kv_heads, num_splits)](
         q_o, q_r, sq, cache, block_table, seq_lens, query_start_loc, tiles,
-        c.cb_ko, c.cb_kr, c.cb_vo, c.cb_vr, part_m, part_l, part_o, part_r,
+        c.cb_ko, c.cb_kr, c.cb_vo, c.cb_vr, part_m, part_l, part_o, part_r, *st,
         scale * _LOG2E, block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
         num_splits, num_seqs, sliding_window or _NO_WINDOW,
-        HQ=hq, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m, D=d, N_O=c.n_o,
-        N_R=c.n_r, NW_O=c.w_o, NW_R=c.w_r, U=c.unit, BS=lay.block_size, BLOCK_N=block_n,
+        recent.rows if recent is not None else 0, recent.window if recent is not None else 1,
+        HQ=hq, HKV=lay.num_kv_heads, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m, D=d,
+        N_O=c.n_o, N_R=c.n_r, NW_O=c.w_o, NW_R=c.w_r, U=c.unit, BS=lay.block_size, BLOCK_N=block_n,
         KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits,
         VBO=vc.fmt.outlier_bits, VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,
-        OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"], OFF_KS=off.get("k.signs", 0),
+        HAS_RECENT=recent is not None, OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"],
+        OFF_KS=off.get("k.signs", 0),
         OFF_KGO=off["k.gamma_o"], OFF_KGR=off["k.gamma_r"], OFF_KRN=off.get("k.rnorm", 0),
         OFF_VCO=off["v.codes_o"], OFF_VCR=off["v.codes_r"], OFF_VGO=off["v.gamma_o"],
         OFF_VGR=off["v.gamma_r"], num_warps=num_warps,
@@ -161,7 +167,7 @@ def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
 
 
 def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
-            sliding_window: int | None = None) -> None:
+            sliding_window: int | None = None, recent: RecentTokens | None = None) -> None:
     """Compile the decode and the multi-token variants now (engine start-up), on two scratch
     pages, so no request ever waits for Triton's JIT."""
     lay = codec.layout
@@ -171,4 +177,5 @@ def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
     for q_len in (1, 2):
         query = torch.zeros(q_len, num_q_heads, lay.head_dim, device=device)
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=device)
-        varlen_attention(codec, query, pages, table, lens, qsl, 1.0, q_len, sliding_window)
+        varlen_attention(codec, query, pages, table, lens, qsl, 1.0, q_len, sliding_window,
+                         recent=recent)

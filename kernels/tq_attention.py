@@ -47,9 +47,16 @@ def _centroids(head_base, slot, tok_mask, CB, OFF: tl.constexpr, N: tl.constexpr
 
 
 @triton.jit
-def _norm(head_base, slot, tok_mask, OFF: tl.constexpr):
+def _norm16(head_base, slot, tok_mask, OFF: tl.constexpr):
     return tl.load((head_base + OFF).to(tl.pointer_type(tl.float16)) + slot, mask=tok_mask,
-                   other=0.0).to(tl.float32)
+                   other=0.0)
+
+
+@triton.jit
+def _staged(ST, idx, ok, n, N: tl.constexpr, OFF: tl.constexpr, D: tl.constexpr):
+    """Exact fp16 rows [BLOCK_N, len(n)] of channels OFF + n (n < N) of the staged entries idx."""
+    return tl.load(ST + idx[:, None] * D + OFF + n[None, :], mask=ok[:, None] & (n < N)[None, :],
+                   other=0.0)
 
 
 @triton.jit
@@ -66,19 +73,95 @@ def _find_seq(CU_TILES, tile, num_seqs):
     return lo
 
 
+@triton.jit
+def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc_o, acc_r, q_o, q_r, sq,
+          CACHE, BLOCK_TABLE, CB_KO, CB_KR, CB_VO, CB_VR, ST_K, ST_V, ST_TAG,
+          scale_log2e, stride_bt, page_bytes, head_stride, st_window,
+          HKV: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
+          NW_O: tl.constexpr, NW_R: tl.constexpr, U: tl.constexpr, BS: tl.constexpr,
+          BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr, VBO: tl.constexpr,
+          VBR: tl.constexpr, HAS_QJL: tl.constexpr, RECENT: tl.constexpr,
+          OFF_KCO: tl.constexpr, OFF_KCR: tl.constexpr, OFF_KS: tl.constexpr,
+          OFF_KGO: tl.constexpr, OFF_KGR: tl.constexpr, OFF_KRN: tl.constexpr,
+          OFF_VCO: tl.constexpr, OFF_VCR: tl.constexpr, OFF_VGO: tl.constexpr,
+          OFF_VGR: tl.constexpr):
+    """One tile of BLOCK_N cached tokens into the online softmax. RECENT: the tile may hold
+    positions >= exact_lo, read from their exact staged copies where the tags match."""
+    pos = start + tl.arange(0, BLOCK_N)
+    # Never touch positions before the window: vLLM may have freed (and reused) those pages.
+    tok_mask = (pos < hi) & (pos >= lo)
+    phys = tl.load(BLOCK_TABLE + b * stride_bt + pos // BS, mask=tok_mask, other=0)
+    head_base = CACHE + phys.to(tl.int64) * page_bytes + h * head_stride  # [BLOCK_N] pointers
+    slot = pos % BS
+    n_o = tl.arange(0, NW_O * U)
+    n_r = tl.arange(0, NW_R * U)
+
+    k_o = _centroids(head_base, slot, tok_mask, CB_KO, OFF_KCO, N_O, NW_O, U, KBO)
+    k_r = _centroids(head_base, slot, tok_mask, CB_KR, OFF_KCR, N_R, NW_R, U, KBR)
+    g_ko = _norm16(head_base, slot, tok_mask, OFF_KGO)
+    g_kr = _norm16(head_base, slot, tok_mask, OFF_KGR)
+    gk_o = g_ko.to(tl.float32)
+    gk_r = g_kr.to(tl.float32)
+    if RECENT:
+        # An entry is this token's exact copy only if it was written for this slot with the
+        # norms the page holds now (checksum: the two fp16 norms' bits).
+        ent = ((b * st_window + pos % st_window) * HKV + h).to(tl.int64)
+        ex = tok_mask & (pos >= exact_lo)
+        tag_slot = tl.load(ST_TAG + ent * 2, mask=ex, other=-1)
+        tag_sum = tl.load(ST_TAG + ent * 2 + 1, mask=ex, other=0)
+        chk = (g_ko.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | \
+            (g_kr.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        ex = ex & (tag_slot == phys * BS + slot) & (tag_sum == chk)
+        k_o = tl.where(ex[:, None], _staged(ST_K, ent, ex, n_o, N_O, 0, D), k_o)
+        k_r = tl.where(ex[:, None], _staged(ST_K, ent, ex, n_r, N_R, N_O, D), k_r)
+        gk_o = tl.where(ex, 1.0, gk_o)
+        gk_r = tl.where(ex, 1.0, gk_r)
+
+    s = tl.dot(q_o, tl.trans(k_o)) * gk_o[None, :]
+    s += tl.dot(q_r, tl.trans(k_r)) * gk_r[None, :]
+    if HAS_QJL:
+        bits = _codes(head_base + OFF_KS + slot * (D // 8), tok_mask, D, D // U, U, 1)
+        signs = tl.where(bits != 0, 1.0, -1.0).to(tl.float16)
+        rnorm = _norm16(head_base, slot, tok_mask, OFF_KRN).to(tl.float32)
+        if RECENT:
+            rnorm = tl.where(ex, 0.0, rnorm)  # exact keys have no residual
+        s += tl.dot(sq, tl.trans(signs)) * rnorm[None, :]
+    visible = (pos[None, :] < row_len[:, None]) & (pos[None, :] >= row_lo[:, None])
+    s = tl.where(visible, s * scale_log2e, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_o = _centroids(head_base, slot, tok_mask, CB_VO, OFF_VCO, N_O, NW_O, U, VBO)
+    v_r = _centroids(head_base, slot, tok_mask, CB_VR, OFF_VCR, N_R, NW_R, U, VBR)
+    gv_o = _norm16(head_base, slot, tok_mask, OFF_VGO).to(tl.float32)
+    gv_r = _norm16(head_base, slot, tok_mask, OFF_VGR).to(tl.float32)
+    if RECENT:
+        v_o = tl.where(ex[:, None], _staged(ST_V, ent, ex, n_o, N_O, 0, D), v_o)
+        v_r = tl.where(ex[:, None], _staged(ST_V, ent, ex, n_r, N_R, N_O, D), v_r)
+        gv_o = tl.where(ex, 1.0, gv_o)
+        gv_r = tl.where(ex, 1.0, gv_r)
+    acc_o = acc_o * alpha[:, None] + tl.dot((p * gv_o[None, :]).to(tl.float16), v_o)
+    acc_r = acc_r * alpha[:, None] + tl.dot((p * gv_r[None, :]).to(tl.float16), v_r)
+    return m_new, l_i, acc_o, acc_r
+
+
 # Runtime sizes must not specialise the kernel: a new batch size mid-serving would recompile.
 @triton.jit(do_not_specialize=["stride_bt", "tokens_per_split", "num_splits", "num_seqs",
-                              "window"])
+                              "window", "st_rows", "st_window"])
 def tq_attention_kernel(
     Q_O, Q_R, SQ, CACHE, BLOCK_TABLE, SEQ_LENS, QUERY_START, CU_TILES,
-    CB_KO, CB_KR, CB_VO, CB_VR, PART_M, PART_L, PART_O, PART_R,
+    CB_KO, CB_KR, CB_VO, CB_VR, PART_M, PART_L, PART_O, PART_R, ST_K, ST_V, ST_TAG,
     scale_log2e, stride_bt, page_bytes, head_stride, tokens_per_split, num_splits, num_seqs, window,
-    HQ: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
-    NW_O: tl.constexpr, NW_R: tl.constexpr,  # words per plane, padded to a power of 2
+    st_rows, st_window,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr,
+    N_R: tl.constexpr, NW_O: tl.constexpr, NW_R: tl.constexpr,  # words per plane, padded to 2^k
     U: tl.constexpr, BS: tl.constexpr,
     BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
-    VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr,
+    VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr, HAS_RECENT: tl.constexpr,
     OFF_KCO: tl.constexpr, OFF_KCR: tl.constexpr, OFF_KS: tl.constexpr, OFF_KGO: tl.constexpr,
     OFF_KGR: tl.constexpr, OFF_KRN: tl.constexpr, OFF_VCO: tl.constexpr, OFF_VCR: tl.constexpr,
     OFF_VGO: tl.constexpr, OFF_VGR: tl.constexpr,
@@ -108,6 +191,7 @@ def tq_attention_kernel(
     q_r = tl.load(Q_R + row[:, None] * (NW_R * U) + n_r[None, :], mask=row_ok[:, None], other=0.0)
     q_o = q_o.to(tl.float16)
     q_r = q_r.to(tl.float16)
+    sq = q_o  # unused without QJL keys
     if HAS_QJL:
         cd = tl.arange(0, D)
         sq = tl.load(SQ + row[:, None] * D + cd[None, :], mask=row_ok[:, None], other=0.0)
@@ -118,40 +202,33 @@ def tq_attention_kernel(
     acc_o = tl.zeros([BLOCK_M, NW_O * U], dtype=tl.float32)
     acc_r = tl.zeros([BLOCK_M, NW_R * U], dtype=tl.float32)
 
-    tok = tl.arange(0, BLOCK_N)
     lo = tl.maximum(split * tokens_per_split, tl.min(tl.where(row_ok, row_lo, seq_len), 0))
     hi = tl.minimum(split * tokens_per_split + tokens_per_split, tl.max(row_len, 0))
-    for start in tl.range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-        pos = start + tok
-        # Never touch positions before the window: vLLM may have freed (and reused) those pages.
-        tok_mask = (pos < hi) & (pos >= lo)
-        phys = tl.load(BLOCK_TABLE + b * stride_bt + pos // BS, mask=tok_mask, other=0)
-        head_base = CACHE + phys.to(tl.int64) * page_bytes + h * head_stride  # [BLOCK_N] pointers
-        slot = pos % BS
-
-        k_o = _centroids(head_base, slot, tok_mask, CB_KO, OFF_KCO, N_O, NW_O, U, KBO)
-        s = tl.dot(q_o, tl.trans(k_o)) * _norm(head_base, slot, tok_mask, OFF_KGO)[None, :]
-        k_r = _centroids(head_base, slot, tok_mask, CB_KR, OFF_KCR, N_R, NW_R, U, KBR)
-        s += tl.dot(q_r, tl.trans(k_r)) * _norm(head_base, slot, tok_mask, OFF_KGR)[None, :]
-        if HAS_QJL:
-            bits = _codes(head_base + OFF_KS + slot * (D // 8), tok_mask, D, D // U, U, 1)
-            signs = tl.where(bits != 0, 1.0, -1.0).to(tl.float16)
-            s += tl.dot(sq, tl.trans(signs)) * _norm(head_base, slot, tok_mask, OFF_KRN)[None, :]
-        visible = (pos[None, :] < row_len[:, None]) & (pos[None, :] >= row_lo[:, None])
-        s = tl.where(visible, s * scale_log2e, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_o = _centroids(head_base, slot, tok_mask, CB_VO, OFF_VCO, N_O, NW_O, U, VBO)
-        p_o = (p * _norm(head_base, slot, tok_mask, OFF_VGO)[None, :]).to(tl.float16)
-        acc_o = acc_o * alpha[:, None] + tl.dot(p_o, v_o)
-        v_r = _centroids(head_base, slot, tok_mask, CB_VR, OFF_VCR, N_R, NW_R, U, VBR)
-        p_r = (p * _norm(head_base, slot, tok_mask, OFF_VGR)[None, :]).to(tl.float16)
-        acc_r = acc_r * alpha[:, None] + tl.dot(p_r, v_r)
-        m_i = m_new
+    first = lo // BLOCK_N * BLOCK_N
+    # Tiles before the sequence's newest st_window positions read pages only; the rest may read
+    # exact staged copies (batch rows >= st_rows have none).
+    exact_lo = seq_len - st_window
+    mid = hi
+    if HAS_RECENT:
+        if b < st_rows:
+            mid = tl.minimum(tl.maximum(exact_lo // BLOCK_N * BLOCK_N, first), hi)
+    for start in tl.range(first, mid, BLOCK_N):
+        m_i, l_i, acc_o, acc_r = _tile(
+            start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc_o, acc_r, q_o, q_r, sq,
+            CACHE, BLOCK_TABLE, CB_KO, CB_KR, CB_VO, CB_VR, ST_K, ST_V, ST_TAG,
+            scale_log2e, stride_bt, page_bytes, head_stride, st_window,
+            HKV, D, N_O, N_R, NW_O, NW_R, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL, False,
+            OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN, OFF_VCO, OFF_VCR, OFF_VGO,
+            OFF_VGR)
+    if HAS_RECENT:
+        for start in tl.range(mid, hi, BLOCK_N):
+            m_i, l_i, acc_o, acc_r = _tile(
+                start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc_o, acc_r, q_o, q_r,
+                sq, CACHE, BLOCK_TABLE, CB_KO, CB_KR, CB_VO, CB_VR, ST_K, ST_V, ST_TAG,
+                scale_log2e, stride_bt, page_bytes, head_stride, st_window,
+                HKV, D, N_O, N_R, NW_O, NW_R, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL, True,
+                OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN, OFF_VCO, OFF_VCR, OFF_VGO,
+                OFF_VGR)
 
     part = row * num_splits + split
     tl.store(PART_M + part, m_i, mask=row_ok)

@@ -4,7 +4,9 @@ One program per (tile of BLOCK_T tokens, KV head): remove the head's mean, gathe
 rotate each group with tl.dot (tf32x3: fp32-accurate on tensor cores), bucketize against the
 Lloyd-Max boundaries, norm-correct, and for QJL keys project the residual by S and keep its signs
 and norm; then pack the bit planes and store every region row at the token's slot (slot -1: skip).
-The codec's `LayerKVCodec.write` is the oracle.
+With STAGE, tokens with a ring entry (>= 0) also keep their exact rotated vectors there, and the
+key launch tags the entry with (slot, the key norms' bits): see codec/recent.py.
+The codec's `LayerKVCodec.write` (and `RecentTokens.write`) are the oracles.
 """
 import triton
 import triton.language as tl
@@ -64,13 +66,13 @@ def _store_norm(head_base, off, tok_mask, value, OFF: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_tokens"])  # batch sizes must not recompile
 def tq_write_kernel(
-    X, SLOTS, CACHE, MEAN, PERM, R_O, R_R, B_O, B_R, C_O, C_R, S_O, S_R,
+    X, SLOTS, CACHE, MEAN, PERM, R_O, R_R, B_O, B_R, C_O, C_R, S_O, S_R, ENTRIES, STAGE, TAG,
     num_tokens, page_bytes, head_stride,
     H: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
     N_R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, BO: tl.constexpr,
     BR: tl.constexpr, HAS_QJL: tl.constexpr, NORM_CORRECTION: tl.constexpr,
     OFF_CO: tl.constexpr, OFF_CR: tl.constexpr, OFF_S: tl.constexpr, OFF_GO: tl.constexpr,
-    OFF_GR: tl.constexpr, OFF_RN: tl.constexpr,
+    OFF_GR: tl.constexpr, OFF_RN: tl.constexpr, HAS_STAGE: tl.constexpr, IS_KEY: tl.constexpr,
 ):
     h = tl.program_id(1)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -88,6 +90,21 @@ def tq_write_kernel(
     _store_planes(head_base, off, tok_mask, code_r, OFF_CR, N_R, N_R_PAD, BR)
     _store_norm(head_base, off, tok_mask, gamma_o, OFF_GO)
     _store_norm(head_base, off, tok_mask, gamma_r, OFF_GR)
+    if HAS_STAGE:
+        entry = tl.load(ENTRIES + t, mask=tok_mask, other=-1)
+        staged = tok_mask & (entry >= 0)
+        ent = entry.to(tl.int64) * H + h
+        c_o = tl.arange(0, N_O)
+        c_r = tl.arange(0, N_R_PAD)
+        tl.store(STAGE + ent[:, None] * D + c_o[None, :], x_o.to(tl.float16),
+                 mask=staged[:, None])
+        tl.store(STAGE + ent[:, None] * D + N_O + c_r[None, :], x_r.to(tl.float16),
+                 mask=staged[:, None] & (c_r < N_R)[None, :])
+        if IS_KEY:
+            bits_o = gamma_o.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            bits_r = gamma_r.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+            tl.store(TAG + ent * 2, slot.to(tl.int32), mask=staged)
+            tl.store(TAG + ent * 2 + 1, bits_o | bits_r, mask=staged)
     if HAS_QJL:
         res_o = x_o - rec_o
         res_r = x_r - rec_r  # zero in the padded lanes

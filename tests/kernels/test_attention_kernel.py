@@ -87,3 +87,36 @@ def test_sliding_window_never_reads_pages_before_the_window(gen):
     got = decode_attention(codec, query.to(DEVICE), cache.to(DEVICE), table.to(DEVICE),
                            lens.to(DEVICE), 0.125, sliding_window=20)
     assert torch.isfinite(got).all() and _rel_err(got, want) <= 1e-2
+
+
+@pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
+def test_newest_tokens_read_from_their_exact_copies(name, gen):
+    # Rows 0-2 are staged (row 1's entries then go stale: its pages are rewritten), row 3 is
+    # beyond the buffer; decode, a chunk and speculative tokens; 2 splits cut through the window.
+    from vllm_turboquant.codec import RecentTokens
+
+    d, kv_heads, gqa, window = 64, 2, 4, 32
+    codec = _codec(name, d, kv_heads, 16, gen)
+    seq_lens, q_lens = [33, 45, 70, 9], [1, 5, 3, 1]
+    cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
+    recent = RecentTokens(rows=3, window=window, num_kv_heads=kv_heads, head_dim=d)
+    for row, n in enumerate(seq_lens):
+        slots = table[row].long().repeat_interleave(16)[:n] * 16 + torch.arange(n) % 16
+        qsl = torch.tensor([0] * (row + 1) + [n], dtype=torch.int32)
+        lens = torch.tensor([0] * row + [n], dtype=torch.int32)
+        recent.write(codec, cache, slots, recent.entries(slots, qsl, lens), *dense[row])
+        if row == 1:  # another request's tokens now own these slots
+            codec.write(cache, slots[-10:], torch.randn(10, kv_heads, d, generator=gen),
+                        torch.randn(10, kv_heads, d, generator=gen))
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    query = torch.randn(int(qsl[-1]), kv_heads * gqa, d, generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    want = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5, recent=recent)
+    plain = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5)
+    assert _rel_err(plain, want) > 0.05  # the exact copies change the answer
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    staged = RecentTokens(rows=3, window=window, num_kv_heads=kv_heads, head_dim=d, device=DEVICE)
+    staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
+    got = varlen_attention(codec, on(query), on(cache), on(table), on(lens), on(qsl), d ** -0.5,
+                           max(q_lens), num_splits=2, recent=staged)
+    assert _rel_err(got, want) <= 1e-2

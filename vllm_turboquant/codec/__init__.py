@@ -9,6 +9,7 @@ from .formats import (FORMATS, SUPPORTED_HEAD_SIZES, KVFormat, TensorFormat, che
 from .kv_codec import LayerKVCodec
 from .layout import PageLayout, page_layout
 from .outliers import default_split, split_from_energy, split_from_vectors
+from .recent import RecentTokens
 from .quantizer import GroupQuantizer, QuantizedVectors, TensorCodec, tensor_codec
 from .rotation import qjl_constant, qjl_matrix, random_rotation
 
@@ -17,5 +18,5 @@ __all__ = [
     "is_turboquant_dtype", "split_sizes", "codebook_mse", "lloyd_max_centroids", "LayerKVCodec",
     "PageLayout", "page_layout", "default_split", "split_from_energy", "split_from_vectors",
     "GroupQuantizer", "QuantizedVectors", "TensorCodec", "tensor_codec", "qjl_constant",
-    "qjl_matrix", "random_rotation", "attend_packed", "dense_attention", "paged_attention",
+    "qjl_matrix", "random_rotation", "RecentTokens", "attend_packed", "dense_attention", "paged_attention",
 ]

@@ -7,10 +7,22 @@ rotated back once per query. Nothing is decoded into the original channel order 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .kv_codec import LayerKVCodec
+from .recent import RecentTokens, checksum_from_rows
+
+
+@dataclass
+class ExactTokens:
+    """Keys [L, H, d] and values [L, H, d] in the rotated, centred domain that replace the
+    compressed ones where `mask` [L, H] is set (see recent.py)."""
+
+    mask: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
 
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
@@ -43,9 +55,10 @@ def _mask(tq: int, length: int, causal: bool, window: int | None, device,
 
 def attend_packed(codec: LayerKVCodec, query: torch.Tensor, rows: dict[str, torch.Tensor],
                   scale: float, causal: bool = True, sliding_window: int | None = None,
-                  key_start: int = 0) -> torch.Tensor:
+                  key_start: int = 0, exact: ExactTokens | None = None) -> torch.Tensor:
     """query [Tq, Hq, d] over the packed rows {region: uint8 [L - key_start, H, row]} holding the
-    keys at positions key_start..L-1 of one sequence (its queries are its last Tq positions)."""
+    keys at positions key_start..L-1 of one sequence (its queries are its last Tq positions).
+    `exact` replaces some of those tokens by exact copies."""
     tq, hq, d = query.shape
     h = codec.layout.num_kv_heads
     g = hq // h
@@ -56,17 +69,22 @@ def attend_packed(codec: LayerKVCodec, query: torch.Tensor, rows: dict[str, torc
     q_rot = kc.rotate(query.float().view(tq, h, g, d).transpose(1, 2), codec.key_perm)  # [Tq, G, H, d]
     # Keys are stored centred (k - μ): q·μ is the same for every key of a query, so it cancels in
     # the softmax and the scores use the centred keys as they are.
-    scores = torch.einsum("tghd,lhd->hgtl", q_rot, kc.mse_rotated(qk))
+    keys, values = kc.mse_rotated(qk), vc.dequantize_rotated(qv)
+    if exact is not None:
+        keys = torch.where(exact.mask.unsqueeze(-1), exact.key.float(), keys)
+        values = torch.where(exact.mask.unsqueeze(-1), exact.value.float(), values)
+    scores = torch.einsum("tghd,lhd->hgtl", q_rot, keys)
     if kc.fmt.has_qjl:
         sq = q_rot @ kc.qjl.to(q_rot.device).T                        # S·q, once per query
         signs = qk.signs.float() * 2 - 1                              # [L, H, d]
         qjl = torch.einsum("tghd,lhd->hgtl", sq, signs)
-        scores = scores + kc.qjl_scale * qjl * qk.rnorm.float().T.view(h, 1, 1, num_keys)
+        rnorm = qk.rnorm.float() if exact is None else qk.rnorm.float().masked_fill(exact.mask, 0)
+        scores = scores + kc.qjl_scale * qjl * rnorm.T.view(h, 1, 1, num_keys)
     scores = scores * scale
     allowed = _mask(tq, key_start + num_keys, causal, sliding_window, query.device, key_start)
     scores = scores.masked_fill(~allowed, -math.inf)
     p = torch.softmax(scores, dim=-1)
-    acc = torch.einsum("hgtl,lhd->tghd", p, vc.dequantize_rotated(qv))  # rotated value domain
+    acc = torch.einsum("hgtl,lhd->tghd", p, values)  # rotated value domain
     out = vc.unrotate(acc, codec.value_perm) + codec.value_mean.to(acc.device)  # rotate back once
     return out.transpose(1, 2).reshape(tq, hq, d)
 
@@ -74,9 +92,12 @@ def attend_packed(codec: LayerKVCodec, query: torch.Tensor, rows: dict[str, torc
 def paged_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float, causal: bool = True,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None,
+                    recent: RecentTokens | None = None) -> torch.Tensor:
     """Varlen paged attention. Sequence i owns queries query[qsl[i]:qsl[i+1]], which are the last
-    positions of its seq_lens[i] tokens (already written to the cache). Returns [T, Hq, d] float32."""
+    positions of its seq_lens[i] tokens (already written to the cache). With `recent`, sequence i's
+    newest recent.window positions are read from its exact copies where their tags match.
+    Returns [T, Hq, d] float32."""
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     bs = codec.layout.block_size
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -89,6 +110,19 @@ def paged_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tenso
             first = max(0, length - (b - a) - sliding_window + 1) // bs
         blocks = block_table[i, first: (length + bs - 1) // bs]
         rows = {k: v[: length - first * bs] for k, v in codec.read_blocks(cache, blocks).items()}
+        exact = None
+        if recent is not None:
+            exact = _exact_tokens(recent, i, rows, blocks, first * bs, length, bs)
         out[a:b] = attend_packed(codec, query[a:b], rows, scale, causal, sliding_window,
-                                 key_start=first * bs)
+                                 key_start=first * bs, exact=exact)
     return out
+
+
+def _exact_tokens(recent: RecentTokens, row: int, rows: dict[str, torch.Tensor],
+                  blocks: torch.Tensor, key_start: int, length: int, bs: int) -> ExactTokens:
+    pos = torch.arange(key_start, length, device=blocks.device)
+    slots = blocks.long().repeat_interleave(bs)[: length - key_start] * bs + pos % bs
+    mask = recent.lookup(row, pos, slots, checksum_from_rows(rows))
+    mask &= (pos >= length - recent.window).unsqueeze(-1).to(mask.device)
+    e = (row * recent.window + pos % recent.window).long().clamp(max=recent.key.shape[0] - 1)
+    return ExactTokens(mask, recent.key[e].to(mask.device), recent.value[e].to(mask.device))

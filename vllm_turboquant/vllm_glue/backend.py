@@ -9,6 +9,10 @@ sliding windows); batches made only of fresh prompts attend to their exact K/V w
 On CPU everything runs the pure-PyTorch codec. Uniform decode batches are CUDA-graph safe (no host
 syncs): vLLM captures them whole.
 
+Newest tokens exact: every layer keeps fp16 copies of each running sequence's newest
+TURBOQUANT_EXACT_RECENT tokens (codec/recent.py), written with the pages and read instead of them
+where their tags match; the buffer is allocated with the layer, before vLLM measures free memory.
+
 Outlier channels: each layer fixes its per-KV-head outlier split from the first real K/V it writes
 (dummy/profiling runs write only slot -1 and are ignored). Every page in the cache is written after
 that moment with that split, and the split never changes for the engine's lifetime, so pages reused
@@ -24,7 +28,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        AttentionLayer, AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata, MultipleOf)
 
-from ..codec import LayerKVCodec, dense_attention, page_layout, paged_attention
+from ..codec import LayerKVCodec, RecentTokens, dense_attention, page_layout, paged_attention
 from ..codec.formats import FORMATS, SUPPORTED_HEAD_SIZES, is_turboquant_dtype
 from ..codec.layout import BLOCK_SIZE_MULTIPLE
 from . import options
@@ -95,6 +99,7 @@ class TurboQuantMetadata:
     block_table: torch.Tensor          # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor         # [num_tokens]
     causal: bool = True
+    recent_entries: torch.Tensor | None = None  # [num_tokens], filled by the step's first write
 
 
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
@@ -161,6 +166,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.codec: LayerKVCodec | None = None  # built at the first write, once block_size is known
+        self.recent = _recent_tokens(self.num_kv_heads, head_size)
 
     def _codec_for(self, kv_cache: torch.Tensor) -> LayerKVCodec:
         if self.codec is None:
@@ -188,12 +194,33 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 return  # a dummy run: nothing to store, nothing to learn from
             codec.calibrate(key[valid], value[valid])
         pages = kv_cache.view(kv_cache.shape[0], -1)
+        entries = self._recent_entries(layer, slot_mapping)
+        recent = self.recent if entries is not None else None
         if key.is_cuda:  # fused Triton write: no host syncs, one launch per K and V
             from ..kernels.cache_write import write_kv
 
-            write_kv(codec, pages, slot_mapping, key, value)
+            write_kv(codec, pages, slot_mapping, key, value, recent, entries)
         else:
             codec.write(pages, slot_mapping, key, value)
+            if recent is not None:
+                recent.write(codec, pages, slot_mapping, entries, key, value)
+
+    def _recent_entries(self, layer: AttentionLayer,
+                        slot_mapping: torch.Tensor) -> torch.Tensor | None:
+        """Ring entries of this step's new tokens (see RecentTokens.entries), computed once per
+        step and shared by the layers of one metadata (device ops: fine inside a CUDA graph)."""
+        if self.recent is None:
+            return None
+        from vllm.model_executor.layers.attention.attention import get_attention_context
+
+        m = get_attention_context(layer.layer_name)[0]
+        if not isinstance(m, TurboQuantMetadata):
+            return None  # profiling or micro-batched steps: nothing is staged
+        if m.recent_entries is None:
+            num_reqs = m.seq_lens.shape[0]
+            m.recent_entries = self.recent.entries(
+                slot_mapping, m.query_start_loc_device[: num_reqs + 1], m.seq_lens_device[:num_reqs])
+        return m.recent_entries
 
     def _prepare_kernels(self, codec: LayerKVCodec, device: torch.device) -> None:
         if getattr(self, "_kernels_ready", False):
@@ -202,7 +229,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         from ..kernels.paged_attention import warm_up
 
         device_constants(codec, device)
-        warm_up(codec, self.num_heads, device, self.sliding_window)
+        warm_up(codec, self.num_heads, device, self.sliding_window, self.recent)
         self._kernels_ready = True
 
     def _kv_block_size(self, kv_cache: torch.Tensor) -> int:
@@ -243,7 +270,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 fresh_m, fresh_tok = _subset(m, fresh)
                 out[fresh_tok] = self._fresh_prefill(q[fresh_tok], key[:n][fresh_tok],
                                                      value[:n][fresh_tok], fresh_m).float()
-                cached_m, cached_tok = _subset(m, ~fresh)
+                cached_m, cached_tok = _queries_of(m, ~fresh)
                 out[cached_tok] = self._cached_attention(q[cached_tok], kv_cache, cached_m)
                 return out
         return self._cached_attention(q, kv_cache, m)
@@ -259,9 +286,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             return varlen_attention(codec, q, pages, m.block_table[:num_reqs],
                                     m.seq_lens_device[:num_reqs],
                                     m.query_start_loc_device[: num_reqs + 1], self.scale,
-                                    m.max_query_len, self.sliding_window)
+                                    m.max_query_len, self.sliding_window, recent=self.recent)
         return paged_attention(codec, q, pages, m.block_table, m.seq_lens, m.query_start_loc,
-                               self.scale, m.causal, self.sliding_window)
+                               self.scale, m.causal, self.sliding_window, self.recent)
 
     def _fresh_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        m: TurboQuantMetadata) -> torch.Tensor:
@@ -276,6 +303,40 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 out[a:b] = dense_attention(q[a:b], k[a:b], v[a:b], self.scale, m.causal,
                                            self.sliding_window)
         return out
+
+
+def _recent_tokens(num_kv_heads: int, head_size: int) -> RecentTokens | None:
+    """The layer's exact-newest-tokens buffer, sized from the engine's config (None: turned off,
+    or no engine config, e.g. a layer built by hand in a test)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    window, config = options.exact_recent(), get_current_vllm_config_or_none()
+    if window == 0 or config is None:
+        return None
+    rows = options.exact_rows(config.scheduler_config.max_num_seqs)
+    if rows == 0:
+        return None
+    return RecentTokens(rows, window, num_kv_heads, head_size, config.device_config.device)
+
+
+def _queries_of(m: TurboQuantMetadata,
+                keep: torch.Tensor) -> tuple[TurboQuantMetadata, torch.Tensor]:
+    """The metadata with only the query tokens of the sequences in `keep` (host bool [num_reqs]),
+    and those tokens' indices. Every sequence keeps its batch row (the others get no queries), so
+    row-indexed state such as the exact-recent buffer still lines up."""
+    num_reqs = keep.shape[0]
+    q_lens = m.query_start_loc.diff()[:num_reqs]
+    tok = torch.repeat_interleave(keep, q_lens).nonzero().squeeze(1)
+    kept_lens = torch.where(keep, q_lens, torch.zeros_like(q_lens))
+    qsl = torch.zeros(num_reqs + 1, dtype=m.query_start_loc.dtype)
+    torch.cumsum(kept_lens, 0, out=qsl[1:])
+    dev = m.seq_lens_device.device
+    sub = TurboQuantMetadata(
+        num_actual_tokens=int(tok.shape[0]), max_query_len=int(kept_lens.max()),
+        max_seq_len=m.max_seq_len, query_start_loc=qsl, seq_lens=m.seq_lens,
+        query_start_loc_device=qsl.to(dev), seq_lens_device=m.seq_lens_device,
+        block_table=m.block_table, slot_mapping=m.slot_mapping, causal=m.causal)
+    return sub, tok.to(dev)
 
 
 def _subset(m: TurboQuantMetadata, keep: torch.Tensor) -> tuple[TurboQuantMetadata, torch.Tensor]:

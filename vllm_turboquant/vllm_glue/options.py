@@ -4,6 +4,11 @@ TURBOQUANT_BF16_FIRST_LAYERS=N   keep the first N decoder layers' KV cache in bf
 TURBOQUANT_BF16_LAST_LAYERS=N    keep the last N decoder layers' KV cache in bf16 (default 0)
 TURBOQUANT_QJL_DECODE=min_mse    decode constant for QJL keys: min_mse (default) or unbiased
 TURBOQUANT_CENTER_KEYS=1         remove each KV head's key mean before quantizing (default 1)
+TURBOQUANT_EXACT_RECENT=64       each sequence reads its newest N tokens exactly (fp16 copies beside
+                                 the pages; 0 turns it off)
+TURBOQUANT_EXACT_ROWS=N          how many running sequences get those copies (default
+                                 min(max_num_seqs, 256)); memory per layer:
+                                 rows · N · kv_heads · (4 · head_dim + 8) bytes
 All layers are compressed by default; fragile models sometimes need their first/last layers exact.
 Every process reads the same environment, so API server, engine core and workers agree.
 """
@@ -12,8 +17,8 @@ from __future__ import annotations
 import os
 
 
-def _int_env(name: str) -> int:
-    raw = os.environ.get(name, "0").strip() or "0"
+def _int_env(name: str, default: int = 0) -> int:
+    raw = os.environ.get(name, str(default)).strip() or str(default)
     try:
         value = int(raw)
     except ValueError:
@@ -44,3 +49,15 @@ def center_keys() -> bool:
     if raw not in ("0", "1", "true", "false", "yes", "no", ""):
         raise ValueError(f"TURBOQUANT_CENTER_KEYS must be 0 or 1, got {raw!r}")
     return raw in ("1", "true", "yes", "")
+
+
+DEFAULT_EXACT_RECENT = 64
+MAX_DEFAULT_EXACT_ROWS = 256
+
+
+def exact_recent() -> int:
+    return _int_env("TURBOQUANT_EXACT_RECENT", DEFAULT_EXACT_RECENT)
+
+
+def exact_rows(max_num_seqs: int) -> int:
+    return _int_env("TURBOQUANT_EXACT_ROWS", min(max_num_seqs, MAX_DEFAULT_EXACT_ROWS))
