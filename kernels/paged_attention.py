@@ -22,6 +22,7 @@ _LOG2E = 1.4426950408889634
 _TARGET_PROGRAMS = 1056
 _NO_WINDOW = 1 << 30
 DECODE_BLOCK_N, PREFILL_BLOCK_N = 128, 64
+_TAIL_BLOCK_N = 64  # the exact-copies launch covers ~64 positions per sequence
 
 
 class AttentionConstants:
@@ -119,23 +120,25 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         wanted = math.ceil(target_programs / max(1, max_tiles * lay.num_kv_heads))
         num_splits = max(1, min(wanted, math.ceil(max_tokens / (4 * block_n))))
     per_split = math.ceil(math.ceil(max_tokens / num_splits) / block_n) * block_n
+    # Every (query row, split) is written by exactly one program; with exact copies of the newest
+    # tokens, one more split holds them (written by the TAIL launch).
+    slots = num_splits + (recent is not None)
     f32 = dict(dtype=torch.float32, device=query.device)
-    # Every (query row, split) is written by exactly one program.
-    part_m = torch.empty(num_tokens, hq, num_splits, **f32)
-    part_l = torch.empty(num_tokens, hq, num_splits, **f32)
-    part_o = torch.empty(num_tokens, hq, num_splits, c.w_o * c.unit, **f32)
-    part_r = torch.empty(num_tokens, hq, num_splits, c.w_r * c.unit, **f32)
+    part_m = torch.empty(num_tokens, hq, slots, **f32)
+    part_l = torch.empty(num_tokens, hq, slots, **f32)
+    part_o = torch.empty(num_tokens, hq, slots, c.w_o * c.unit, **f32)
+    part_r = torch.empty(num_tokens, hq, slots, c.w_r * c.unit, **f32)
 
     off = {name: r.offset for name, r in lay.regions.items()}
     st = (recent.key, recent.value, recent.tag) if recent is not None else (cache, cache, cache)
-    tq_attention.tq_attention_kernel[(max_tiles, lay.num_kv_heads, num_splits)](
-        q_o, q_r, sq, cache, block_table, seq_lens, query_start_loc, tiles,
-        c.cb_ko, c.cb_kr, c.cb_vo, c.cb_vr, part_m, part_l, part_o, part_r, *st,
-        scale * _LOG2E, block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
-        num_splits, num_seqs, sliding_window or _NO_WINDOW,
-        recent.rows if recent is not None else 0, recent.window if recent is not None else 1,
+    args = (q_o, q_r, sq, cache, block_table, seq_lens, query_start_loc, tiles,
+            c.cb_ko, c.cb_kr, c.cb_vo, c.cb_vr, part_m, part_l, part_o, part_r, *st,
+            scale * _LOG2E, block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
+            slots, num_seqs, sliding_window or _NO_WINDOW,
+            recent.rows if recent is not None else 0, recent.window if recent is not None else 1)
+    meta = dict(
         HQ=hq, HKV=lay.num_kv_heads, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m, D=d,
-        N_O=c.n_o, N_R=c.n_r, NW_O=c.w_o, NW_R=c.w_r, U=c.unit, BS=lay.block_size, BLOCK_N=block_n,
+        N_O=c.n_o, N_R=c.n_r, NW_O=c.w_o, NW_R=c.w_r, U=c.unit, BS=lay.block_size,
         KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits,
         VBO=vc.fmt.outlier_bits, VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,
         HAS_RECENT=recent is not None, OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"],
@@ -144,6 +147,11 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         OFF_VCO=off["v.codes_o"], OFF_VCR=off["v.codes_r"], OFF_VGO=off["v.gamma_o"],
         OFF_VGR=off["v.gamma_r"], num_warps=num_warps,
     )
+    kernel = tq_attention.tq_attention_kernel
+    kernel[(max_tiles, lay.num_kv_heads, num_splits)](*args, BLOCK_N=block_n, TAIL=False, **meta)
+    if recent is not None:
+        kernel[(max_tiles, lay.num_kv_heads, 1)](*args, BLOCK_N=min(block_n, _TAIL_BLOCK_N),
+                                                 TAIL=True, **meta)
 
     # Merge the splits (base-2 log-sum-exp), then rotate the value accumulator back once.
     top = part_m.amax(-1, keepdim=True)

@@ -1,8 +1,9 @@
 """The reduced evaluation (configs/eval-ci.json) through vLLM on the CPU: it must run end to end,
 write its table, JSON and plot, and no format may regress past the bounds below.
 
-Bounds sit ~30% outside what this run measured on 2026-11-22 (3.5_mse: PPL +9.8%, KL 0.077,
-top-1 0.84; 2.5_mse: +34%, 0.26, 0.71), so they catch regressions, not noise."""
+Bounds sit ~30-50% outside what this run measured on 2026-11-22 with the newest 64 tokens exact
+(3.5_mse: PPL +1.6%, KL 0.030, top-1 0.90; 2.5_mse: +10.1%, 0.083, 0.84), so they catch
+regressions, not noise. (Before the exact newest tokens: 3.5_mse +9.8%, 0.077, 0.84.)"""
 import json
 from pathlib import Path
 
@@ -16,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUNDS = {  # dtype: (max PPL increase vs auto, max mean KL (top-20), min top-1 agreement)
-    "turboquant_3.5_mse": (0.15, 0.11, 0.78),
-    "turboquant_2.5_mse": (0.50, 0.35, 0.62),
+    "turboquant_3.5_mse": (0.04, 0.045, 0.86),
+    "turboquant_2.5_mse": (0.15, 0.12, 0.79),
 }
 
 
