@@ -63,11 +63,9 @@ def bytes_per_token_head(dtype: str, head_dim: int) -> float | None:
 
 
 def resolve_model(name: str) -> str:
-    if name == "smollm2":
-        from .models import smollm2_path
+    from .models import BUILTIN
 
-        return str(smollm2_path())
-    return name
+    return str(BUILTIN[name]()) if name in BUILTIN else name
 
 
 @contextlib.contextmanager
@@ -259,7 +257,21 @@ def markdown(results: list[DtypeResult], meta: dict, command: str) -> str:
             if r.needle:
                 lines.append(f"| {r.dtype} | " + " | ".join(f"{r.needle.get(c, float('nan')):.2f}"
                                                          for c in cells) + " |")
+        lengths = sorted({int(c.split("@")[0]) for c in cells})
+        lines += ["", "Needle accuracy per length (mean over depths):", "",
+                  "| kv_cache_dtype | " + " | ".join(map(str, lengths)) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for r in results:
+            if r.needle:
+                lines.append(f"| {r.dtype} | " + " | ".join(
+                    f"{_mean(v for c, v in r.needle.items() if c.startswith(f'{n}@')):.3f}"
+                    for n in lengths) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
 
 
 def plot(results: list[DtypeResult], meta: dict, path: Path) -> bool:

