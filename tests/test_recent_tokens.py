@@ -40,12 +40,19 @@ def setup(gen):
     return codec, cache, table, dense, query, args
 
 
-def test_tokens_inside_the_window_are_exact_and_older_ones_compressed(setup):
+def _both_staged(setup, rows):
+    """Attention with both prompts staged in a buffer of `rows` rows, and without the buffer."""
     codec, cache, table, dense, query, args = setup
-    recent = RecentTokens(rows=2, window=32, num_kv_heads=H, head_dim=D)
+    recent = RecentTokens(rows=rows, window=32, num_kv_heads=H, head_dim=D)
     for row, length in enumerate((30, 50)):
         _stage_prompt(recent, codec, cache, table, row, dense[row], length)
-    got = paged_attention(codec, query, cache, *args, recent=recent)
+    return (paged_attention(codec, query, cache, *args, recent=recent),
+            paged_attention(codec, query, cache, *args))
+
+
+def test_tokens_inside_the_window_are_exact_and_older_ones_compressed(setup):
+    codec, cache, table, dense, query, args = setup
+    got, plain = _both_staged(setup, rows=2)
     # Sequence 0 (30 tokens) fits in the window: its decode step is exact attention (fp16 copies).
     k, v = dense[0]
     assert _rel(got[:1], dense_attention(query[:1], k, v, D ** -0.5)) < 2e-3
@@ -53,7 +60,6 @@ def test_tokens_inside_the_window_are_exact_and_older_ones_compressed(setup):
     k_hat, v_hat = codec.read_tokens(cache, table[1, :4], 50)
     k_mix, v_mix = torch.cat([k_hat[:18], dense[1][0][18:]]), torch.cat([v_hat[:18], dense[1][1][18:]])
     assert _rel(got[1:], dense_attention(query[1:], k_mix, v_mix, D ** -0.5)) < 2e-3
-    plain = paged_attention(codec, query, cache, *args)
     assert _rel(plain[1:], got[1:]) > 0.02  # the exact copies matter
 
 
@@ -71,12 +77,7 @@ def test_an_entry_left_by_another_request_is_not_read(setup, gen):
 
 
 def test_rows_beyond_the_buffer_read_pages_only(setup):
-    codec, cache, table, dense, query, args = setup
-    recent = RecentTokens(rows=1, window=32, num_kv_heads=H, head_dim=D)
-    for row, length in enumerate((30, 50)):
-        _stage_prompt(recent, codec, cache, table, row, dense[row], length)
-    got = paged_attention(codec, query, cache, *args, recent=recent)
-    plain = paged_attention(codec, query, cache, *args)
+    got, plain = _both_staged(setup, rows=1)
     torch.testing.assert_close(got[1:], plain[1:])
     assert _rel(got[:1], plain[:1]) > 0.02
 

