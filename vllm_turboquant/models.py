@@ -106,7 +106,7 @@ BUILTIN = {"smollm2": smollm2_path, "gemma3": gemma3_path}
 
 
 def main(argv: list[str]) -> int:
-    build = "--build" in argv  # the child process smollm2_path starts
+    build = "--build" in argv  # the child process model_path starts
     argv = [a for a in argv if a != "--build"]
     name = argv[0] if argv else "smollm2"
     if name not in BUILTIN:
