@@ -78,20 +78,21 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
         if recent is not None:
             recent.write(codec, cache, slots, entries, key, value)
         return
-    staging = (entries, recent.key, recent.value, recent.tag) if recent is not None else None
     kconst, vconst = device_constants(codec, key.device)
     off = {name: r.offset for name, r in lay.regions.items()}
-    for prefix, tc, c, x in (("k", codec.key, kconst, key), ("v", codec.value, vconst, value)):
-        stage = (staging[0], staging[1 if prefix == "k" else 2], staging[3]) if staging else \
-            (slots, cache, cache)  # unused
+    staged = recent is not None  # without it the staging pointers are never dereferenced
+    k_stage, v_stage, tags = (recent.key, recent.value, recent.tag) if staged else (cache,) * 3
+    for prefix, tc, c, x, stage in (("k", codec.key, kconst, key, k_stage),
+                                    ("v", codec.value, vconst, value, v_stage)):
         tq_write.tq_write_kernel[(triton.cdiv(n, BLOCK_T), lay.num_kv_heads)](
             x[:n].contiguous(), slots, cache, c.mean, c.perm, c.r_o, c.r_r, c.b_o, c.b_r,
-            c.c_o, c.c_r, c.s_o, c.s_r, *stage, n, lay.page_bytes, lay.head_stride,
+            c.c_o, c.c_r, c.s_o, c.s_r, entries if staged else slots, stage, tags,
+            n, lay.page_bytes, lay.head_stride,
             H=lay.num_kv_heads, D=lay.head_dim, N_O=tc.n_o, N_R=tc.n_r, N_R_PAD=c.n_r_pad,
             BS=lay.block_size, BLOCK_T=BLOCK_T, BO=tc.fmt.outlier_bits, BR=tc.fmt.regular_bits,
             HAS_QJL=tc.fmt.has_qjl, NORM_CORRECTION=tc.outlier.norm_correction,
             OFF_CO=off[f"{prefix}.codes_o"], OFF_CR=off[f"{prefix}.codes_r"],
             OFF_S=off.get(f"{prefix}.signs", 0), OFF_GO=off[f"{prefix}.gamma_o"],
             OFF_GR=off[f"{prefix}.gamma_r"], OFF_RN=off.get(f"{prefix}.rnorm", 0),
-            HAS_STAGE=staging is not None, IS_KEY=prefix == "k",
+            HAS_STAGE=staged, IS_KEY=prefix == "k",
         )

@@ -267,7 +267,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             # rule its preemption/resume equivalence test was measured with.
             if q.is_cuda and bool(fresh.any()):
                 out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-                fresh_m, fresh_tok = _subset(m, fresh)
+                fresh_m, fresh_tok = _queries_of(m, fresh)
                 out[fresh_tok] = self._fresh_prefill(q[fresh_tok], key[:n][fresh_tok],
                                                      value[:n][fresh_tok], fresh_m).float()
                 cached_m, cached_tok = _queries_of(m, ~fresh)
@@ -322,8 +322,9 @@ def _recent_tokens(num_kv_heads: int, head_size: int) -> RecentTokens | None:
 def _queries_of(m: TurboQuantMetadata,
                 keep: torch.Tensor) -> tuple[TurboQuantMetadata, torch.Tensor]:
     """The metadata with only the query tokens of the sequences in `keep` (host bool [num_reqs]),
-    and those tokens' indices. Every sequence keeps its batch row (the others get no queries), so
-    row-indexed state such as the exact-recent buffer still lines up."""
+    and those tokens' indices (eager, mixed prefill batches only: this reads host tensors). Every
+    sequence keeps its batch row and the others get no queries, so row-indexed state such as the
+    exact-recent buffer still lines up (FlashAttention skips the empty sequences)."""
     num_reqs = keep.shape[0]
     q_lens = m.query_start_loc.diff()[:num_reqs]
     tok = torch.repeat_interleave(keep, q_lens).nonzero().squeeze(1)
@@ -336,26 +337,6 @@ def _queries_of(m: TurboQuantMetadata,
         max_seq_len=m.max_seq_len, query_start_loc=qsl, seq_lens=m.seq_lens,
         query_start_loc_device=qsl.to(dev), seq_lens_device=m.seq_lens_device,
         block_table=m.block_table, slot_mapping=m.slot_mapping, causal=m.causal)
-    return sub, tok.to(dev)
-
-
-def _subset(m: TurboQuantMetadata, keep: torch.Tensor) -> tuple[TurboQuantMetadata, torch.Tensor]:
-    """The metadata of the sequences in `keep` (host bool [num_reqs]) and the indices of their
-    query tokens (eager, mixed prefill batches only: this reads host tensors)."""
-    num_reqs = keep.shape[0]
-    q_lens = m.query_start_loc.diff()[:num_reqs]
-    tok = torch.repeat_interleave(keep, q_lens).nonzero().squeeze(1)
-    rows = keep.nonzero().squeeze(1)
-    qsl = torch.zeros(rows.shape[0] + 1, dtype=m.query_start_loc.dtype)
-    torch.cumsum(q_lens[rows], 0, out=qsl[1:])
-    dev = m.seq_lens_device.device
-    seq_lens = m.seq_lens[rows]
-    sub = TurboQuantMetadata(
-        num_actual_tokens=int(tok.shape[0]), max_query_len=int(q_lens[rows].max()),
-        max_seq_len=int(seq_lens.max()), query_start_loc=qsl, seq_lens=seq_lens,
-        query_start_loc_device=qsl.to(dev), seq_lens_device=seq_lens.to(dev),
-        block_table=m.block_table[rows.to(m.block_table.device)],
-        slot_mapping=m.slot_mapping, causal=m.causal)
     return sub, tok.to(dev)
 
 
