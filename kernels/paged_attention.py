@@ -9,12 +9,14 @@ grid sizes come from static shapes, so a decode step can be captured in a CUDA g
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 
 from . import next_pow2, tq_attention
+from .lut_unpack import lut_tables, word_order
 
 _LOG2E = 1.4426950408889634
 # Tuned on an H100 at 16 sequences x 32k (bench/kernel_decode.py --sweep): decode tiles of 128
@@ -23,6 +25,12 @@ _TARGET_PROGRAMS = 1056
 _NO_WINDOW = 1 << 30
 DECODE_BLOCK_N, PREFILL_BLOCK_N = 128, 64
 _TAIL_BLOCK_N = 64  # the exact-copies launch covers ~64 positions per sequence
+
+
+def _use_ptx(query: torch.Tensor) -> bool:
+    """The PTX look-ups run on NVIDIA GPUs; Triton's interpreter (CPU tests) takes the plain path."""
+    return query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1" and \
+        torch.version.hip is None
 
 
 class AttentionConstants:
@@ -35,9 +43,7 @@ class AttentionConstants:
         kc = codec.key
         self.group = num_q_heads // codec.layout.num_kv_heads
         self.n_o, self.n_r = kc.n_o, kc.n_r
-        self.unit = 32 if (kc.n_o % 32 == 0 and kc.n_r % 32 == 0) else 16
-        self.w_o = self.n_o // self.unit                 # a power of two for every head size
-        self.w_r = next_pow2(-(-self.n_r // self.unit))
+        self.unit = 32 if kc.n_o % 32 == 0 else 16  # bits per plane word: d/4 channels hold >= 1
         self.device = device
         self.version = None
         self.refresh(codec)
@@ -45,14 +51,22 @@ class AttentionConstants:
     def refresh(self, codec: LayerKVCodec) -> None:
         kc, vc, g, dev = codec.key, codec.value, self.group, self.device
         f32 = dict(dtype=torch.float32, device=dev)
+        # The kernel sees channels in tile order: fold that permutation into the rotations (rows
+        # of the block-diagonal [outliers, regular] rotation, for queries and for value outputs).
+        perm = tile_order(self.n_o + self.n_r, self.unit)
+        groups = [(kc.outlier, kc.fmt.outlier_bits), (kc.regular, kc.fmt.regular_bits),
+                  (vc.outlier, vc.fmt.outlier_bits), (vc.regular, vc.fmt.regular_bits)]
+        signs = torch.tensor([-1.0, 1.0])
+        codebooks = torch.zeros(5, 16)
+        for i, c in enumerate([q.centroids for q, _ in groups] + [signs]):
+            codebooks[i, : c.numel()] = c
+        tables = torch.stack([lut_tables(q.centroids, bits) for q, bits in groups]
+                             + [lut_tables(signs, 1)])
+        qjl = (kc.qjl.float() * kc.qjl_scale)[perm][:, perm] if kc.fmt.has_qjl else torch.zeros(1)
         fresh = dict(
-            r_ko=kc.outlier.rotation.to(**f32), r_kr=kc.regular.rotation.to(**f32),
-            r_vo=vc.outlier.rotation.to(**f32), r_vr=vc.regular.rotation.to(**f32),
-            cb_ko=kc.outlier.centroids.to(dev, torch.float16),
-            cb_kr=kc.regular.centroids.to(dev, torch.float16),
-            cb_vo=vc.outlier.centroids.to(dev, torch.float16),
-            cb_vr=vc.regular.centroids.to(dev, torch.float16),
-            qjl=(kc.qjl.to(**f32) * kc.qjl_scale) if kc.fmt.has_qjl else torch.zeros(1, **f32),
+            r_k=torch.block_diag(kc.outlier.rotation, kc.regular.rotation).to(**f32)[perm],
+            r_v=torch.block_diag(vc.outlier.rotation, vc.regular.rotation).to(**f32)[perm],
+            codebooks=codebooks.to(dev, torch.float16), tables=tables.to(dev), qjl=qjl.to(**f32),
             key_perm=codec.key_perm.to(dev).repeat_interleave(g, 0),       # [Hq, d]
             value_perm=codec.value_perm.to(dev).repeat_interleave(g, 0),   # [Hq, d]
             value_mean=codec.value_mean.to(**f32).repeat_interleave(g, 0),  # [Hq, d]
@@ -77,14 +91,20 @@ class AttentionConstants:
         return c
 
 
+def tile_order(head_dim: int, unit: int) -> torch.Tensor:
+    """Channel at each position P = q·(d/unit) + w of a decoded K/V tile (tq_attention.py): word w's
+    position q (lut_unpack.word_order). Outlier channels come first, as in the codec."""
+    words = head_dim // unit
+    p = torch.arange(head_dim)
+    return (p % words) * unit + word_order(unit)[p // words]
+
+
 def _rotate_queries(c: AttentionConstants, query: torch.Tensor):
     t, hq, d = query.shape
     qp = torch.gather(query.float(), -1, c.key_perm.expand(t, hq, d))
-    q_o = qp[..., : c.n_o] @ c.r_ko.T
-    q_r = qp[..., c.n_o:] @ c.r_kr.T
-    sq = torch.cat([q_o, q_r], -1) @ c.qjl.T if c.has_qjl else q_o
-    q_r = torch.nn.functional.pad(q_r, (0, c.w_r * c.unit - c.n_r))
-    return q_o.contiguous(), q_r.contiguous(), sq.contiguous()
+    q = qp @ c.r_k.T
+    sq = q @ c.qjl.T if c.has_qjl else q
+    return q.contiguous(), sq.contiguous()
 
 
 def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tensor,
@@ -104,7 +124,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     num_seqs = seq_lens.shape[0]
     c = AttentionConstants.of(codec, hq, query.device)
     kc, vc = codec.key, codec.value
-    q_o, q_r, sq = _rotate_queries(c, query)
+    q, sq = _rotate_queries(c, query)
 
     g_p2 = next_pow2(c.group)
     block_q = 1 if max_query_len == 1 else max(1, 64 // g_p2)
@@ -126,22 +146,21 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     f32 = dict(dtype=torch.float32, device=query.device)
     part_m = torch.empty(num_tokens, hq, slots, **f32)
     part_l = torch.empty(num_tokens, hq, slots, **f32)
-    part_o = torch.empty(num_tokens, hq, slots, c.w_o * c.unit, **f32)
-    part_r = torch.empty(num_tokens, hq, slots, c.w_r * c.unit, **f32)
+    part_o = torch.empty(num_tokens, hq, slots, d, **f32)
 
     off = {name: r.offset for name, r in lay.regions.items()}
     st = (recent.key, recent.value, recent.tag) if recent is not None else (cache, cache, cache)
-    args = (q_o, q_r, sq, cache, block_table, seq_lens, query_start_loc, tiles,
-            c.cb_ko, c.cb_kr, c.cb_vo, c.cb_vr, part_m, part_l, part_o, part_r, *st,
+    args = (q, sq, cache, block_table, seq_lens, query_start_loc, tiles,
+            c.codebooks, c.tables, part_m, part_l, part_o, *st,
             scale * _LOG2E, block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
             slots, num_seqs, sliding_window or _NO_WINDOW,
             recent.rows if recent is not None else 0, recent.window if recent is not None else 1)
     meta = dict(
         HQ=hq, HKV=lay.num_kv_heads, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m, D=d,
-        N_O=c.n_o, N_R=c.n_r, NW_O=c.w_o, NW_R=c.w_r, U=c.unit, BS=lay.block_size,
+        N_O=c.n_o, U=c.unit, BS=lay.block_size,
         KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits,
         VBO=vc.fmt.outlier_bits, VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,
-        HAS_RECENT=recent is not None, OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"],
+        HAS_RECENT=recent is not None, USE_ASM=_use_ptx(query), OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"],
         OFF_KS=off.get("k.signs", 0),
         OFF_KGO=off["k.gamma_o"], OFF_KGR=off["k.gamma_r"], OFF_KRN=off.get("k.rnorm", 0),
         OFF_VCO=off["v.codes_o"], OFF_VCR=off["v.codes_r"], OFF_VGO=off["v.gamma_o"],
@@ -158,9 +177,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp2(part_m - top)                                       # empty splits: weight 0
     denom = (w * part_l).sum(-1, keepdim=True).clamp_min(1e-30)
-    acc_o = (w.unsqueeze(-1) * part_o).sum(-2) / denom
-    acc_r = (w.unsqueeze(-1) * part_r).sum(-2)[..., : c.n_r] / denom
-    out_perm = torch.cat([acc_o @ c.r_vo, acc_r @ c.r_vr], -1)
+    out_perm = ((w.unsqueeze(-1) * part_o).sum(-2) / denom) @ c.r_v
     out = torch.empty_like(out_perm).scatter_(-1, c.value_perm.expand(num_tokens, hq, d), out_perm)
     return out + c.value_mean
 

@@ -6,44 +6,18 @@ tokens of one sequence; its rows (token × GQA head) are the M dimension of ever
 run the same loop. Each row has its own causal length (and sliding-window start).
 
 Per tile of BLOCK_N cached tokens (spanning BLOCK_N / BS pages, gathered through the block table):
-bit planes are loaded as 32-bit words (16-bit at head_dim 64) and unpacked in registers to codes,
-codes index a 2^b-entry fp16 centroid table (L1-resident), and the per-token norms are applied to
-the scores (keys) and to the probabilities (values) rather than to every element. The QJL term is a
-tl.dot of S·q with the ±1 sign tile. Softmax is online (base 2); values accumulate in their rotated
-domain. Each split writes (max, sum, unnormalised accumulator); paged_attention.py merges the
-splits and rotates back once.
+bit planes are loaded as 32-bit words (16-bit at head_dim 64) and decoded in registers to fp16
+centroids by byte-permute look-ups (lut_unpack.py), in "tile order", the channel order queries and
+value outputs are given in. Channels go in power-of-two groups with no padding: outliers (n_o), the
+first 2·n_o regular channels and the last n_o. Per-token norms scale the scores (keys) and the
+probabilities (values) rather than every element. The QJL term is a tl.dot of S·q with the ±1 sign
+tile. Softmax is online (base 2); values accumulate in their rotated domain. Each split writes (max,
+sum, unnormalised accumulator); paged_attention.py merges the splits and rotates back once.
 """
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _codes(row_ptr, tok_mask, N: tl.constexpr, NW_PAD: tl.constexpr, U: tl.constexpr,
-           BITS: tl.constexpr):
-    """int32 codes [BLOCK_N, NW_PAD·U] of one channel group. Each token's row (row_ptr) holds BITS
-    bit planes of N/8 bytes; a plane is read as N/U words of U bits (channel c = bit c%U of word c/U)."""
-    w = tl.arange(0, NW_PAD)
-    j = tl.arange(0, U)
-    mask = tok_mask[:, None] & (w < N // U)[None, :]
-    code = tl.zeros([row_ptr.shape[0], NW_PAD, U], dtype=tl.int32)
-    for k in tl.static_range(BITS):
-        if U == 32:
-            plane = (row_ptr + k * (N // 8)).to(tl.pointer_type(tl.int32))
-            word = tl.load(plane[:, None] + w[None, :], mask=mask, other=0)
-        else:
-            plane = (row_ptr + k * (N // 8)).to(tl.pointer_type(tl.int16))
-            word = tl.load(plane[:, None] + w[None, :], mask=mask, other=0).to(tl.int32)
-        code |= ((word[:, :, None] >> j[None, None, :]) & 1) << k
-    return tl.reshape(code, [row_ptr.shape[0], NW_PAD * U])
-
-
-@triton.jit
-def _centroids(head_base, slot, tok_mask, CB, OFF: tl.constexpr, N: tl.constexpr,
-               NW_PAD: tl.constexpr, U: tl.constexpr, BITS: tl.constexpr):
-    """fp16 centroids [BLOCK_N, NW_PAD·U] of one channel group (channels ≥ N are junk; the padded
-    query/output lanes they meet are zero/dropped)."""
-    code = _codes(head_base + OFF + slot * (BITS * (N // 8)), tok_mask, N, NW_PAD, U, BITS)
-    return tl.load(CB + code)
+from .lut_unpack import decode_word, tile_channel
 
 
 @triton.jit
@@ -53,10 +27,9 @@ def _norm16(head_base, slot, tok_mask, OFF: tl.constexpr):
 
 
 @triton.jit
-def _staged(ST, idx, ok, n, N: tl.constexpr, OFF: tl.constexpr, D: tl.constexpr):
-    """Exact fp16 rows [BLOCK_N, len(n)] of channels OFF + n (n < N) of the staged entries idx."""
-    return tl.load(ST + idx[:, None] * D + OFF + n[None, :], mask=ok[:, None] & (n < N)[None, :],
-                   other=0.0)
+def _staged(ST, idx, ok, cols, D: tl.constexpr):
+    """Exact fp16 rows [BLOCK_N, len(cols)]: channels `cols` of the staged entries idx."""
+    return tl.load(ST + idx[:, None] * D + cols[None, :], mask=ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -102,20 +75,69 @@ def _online_softmax(s, visible, m_i, l_i, scale_log2e):
 
 
 @triton.jit
-def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc_o, acc_r, q_o, q_r, sq,
-          CACHE, BLOCK_TABLE, CB_KO, CB_KR, CB_VO, CB_VR, ST_K, ST_V, ST_TAG,
+def _tile_channels(D: tl.constexpr, U: tl.constexpr):
+    """Channel of each tile position P = q·(D/U) + w: word w's position q (lut_unpack order)."""
+    P = tl.arange(0, D)
+    return (P % (D // U)) * U + tile_channel(P // (D // U), U)
+
+
+@triton.jit
+def _words(head_base, slot, tok_mask, rho, CB_O, TAB_O, CB_R, TAB_R, w0: tl.constexpr,
+           step: tl.constexpr, OFF_O: tl.constexpr, OFF_R: tl.constexpr, N_O: tl.constexpr,
+           N_R: tl.constexpr, BITS_O: tl.constexpr, BITS_R: tl.constexpr, NW: tl.constexpr,
+           U: tl.constexpr, USE_ASM: tl.constexpr):
+    """Decoded words w0 + j·step (j < NW / step) stacked along new minor dims (lowest bit of j
+    last): words below N_O / U are outlier words, scaled by rho; the rest regular words."""
+    if step >= NW:
+        if w0 < N_O // U:
+            row = head_base + OFF_O + slot * (BITS_O * N_O // 8)
+            x = decode_word(row, tok_mask, CB_O, TAB_O, N_O, w0, U, BITS_O, USE_ASM)
+            return x * rho[:, None]
+        else:
+            row = head_base + OFF_R + slot * (BITS_R * N_R // 8)
+            return decode_word(row, tok_mask, CB_R, TAB_R, N_R, w0 - N_O // U, U, BITS_R, USE_ASM)
+    else:
+        return tl.join(
+            _words(head_base, slot, tok_mask, rho, CB_O, TAB_O, CB_R, TAB_R, w0, step * 2, OFF_O,
+                   OFF_R, N_O, N_R, BITS_O, BITS_R, NW, U, USE_ASM),
+            _words(head_base, slot, tok_mask, rho, CB_O, TAB_O, CB_R, TAB_R, w0 + step, step * 2,
+                   OFF_O, OFF_R, N_O, N_R, BITS_O, BITS_R, NW, U, USE_ASM))
+
+
+@triton.jit
+def _vectors(head_base, slot, tok_mask, CB, TAB, OFF_O: tl.constexpr, OFF_R: tl.constexpr,
+             OFF_GO: tl.constexpr, OFF_GR: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr,
+             BITS_O: tl.constexpr, BITS_R: tl.constexpr, U: tl.constexpr, USE_ASM: tl.constexpr):
+    """K or V of BLOCK_N tokens as one fp16 tile [BLOCK_N, D] in tile order, up to a per-token
+    scale (returned, fp32 [BLOCK_N]): scale · tile = γ_o·outliers ⊕ γ_r·regular. The scale is γ_r
+    (γ_o/1024 if that is larger) and the outlier words carry γ_o/scale ≤ 1024, so one tl.dot covers
+    both groups (a key whose regular part is below 1/1024 of its outliers' gains ≤ 0.1% error)."""
+    g_o = _norm16(head_base, slot, tok_mask, OFF_GO).to(tl.float32)
+    g_r = _norm16(head_base, slot, tok_mask, OFF_GR).to(tl.float32)
+    scale = tl.maximum(g_r, g_o * (1.0 / 1024))
+    rho = (g_o / tl.maximum(scale, 1e-30)).to(tl.float16)  # 0 for an all-zero vector
+    x = _words(head_base, slot, tok_mask, rho, CB, TAB, CB + 16, TAB + 4, 0, 1, OFF_O, OFF_R,
+               N_O, D - N_O, BITS_O, BITS_R, D // U, U, USE_ASM)
+    return tl.reshape(x, [slot.shape[0], D]), scale
+
+
+@triton.jit
+def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc, q, sq,
+          CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
           scale_log2e, stride_bt, page_bytes, head_stride, st_window,
-          HKV: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
-          NW_O: tl.constexpr, NW_R: tl.constexpr, U: tl.constexpr, BS: tl.constexpr,
-          BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr, VBO: tl.constexpr,
-          VBR: tl.constexpr, HAS_QJL: tl.constexpr, RECENT: tl.constexpr, EXACT: tl.constexpr,
+          HKV: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, U: tl.constexpr,
+          BS: tl.constexpr, BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
+          VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr, RECENT: tl.constexpr,
+          EXACT: tl.constexpr, USE_ASM: tl.constexpr,
           OFF_KCO: tl.constexpr, OFF_KCR: tl.constexpr, OFF_KS: tl.constexpr,
           OFF_KGO: tl.constexpr, OFF_KGR: tl.constexpr, OFF_KRN: tl.constexpr,
           OFF_VCO: tl.constexpr, OFF_VCR: tl.constexpr, OFF_VGO: tl.constexpr,
           OFF_VGR: tl.constexpr):
     """One tile of BLOCK_N cached tokens into the online softmax. RECENT (the sequence's newest
     tiles): a pass over the compressed tokens that have no exact copy (EXACT=False), or over the
-    exact copies alone (EXACT=True). Two light passes keep the hot loop's registers unspilled."""
+    exact copies alone (EXACT=True). Two light passes keep the hot loop's registers unspilled.
+    CB / TAB: fp16 codebooks / look-up tables of K outliers, K regular, V outliers, V regular and
+    the QJL signs (rows of 16 / 4)."""
     pos = start + tl.arange(0, BLOCK_N)
     # Never touch positions before the window: vLLM may have freed (and reused) those pages.
     tok_mask = (pos < hi) & (pos >= lo)
@@ -133,49 +155,43 @@ def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc_o, acc_r
             visible = visible & (ex == 0)[None, :]
 
     if EXACT:
-        n_o = tl.arange(0, NW_O * U)
-        n_r = tl.arange(0, NW_R * U)
-        s = tl.dot(q_o, tl.trans(_staged(ST_K, ent, ex, n_o, N_O, 0, D)))
-        s += tl.dot(q_r, tl.trans(_staged(ST_K, ent, ex, n_r, N_R, N_O, D)))
+        cols = _tile_channels(D, U)
+        k = _staged(ST_K, ent, ex, cols, D)
+        s = tl.dot(q, tl.trans(k))
         p, alpha, m_i, l_i = _online_softmax(s, visible, m_i, l_i, scale_log2e)
-        p16 = p.to(tl.float16)
-        acc_o = acc_o * alpha[:, None] + tl.dot(p16, _staged(ST_V, ent, ex, n_o, N_O, 0, D))
-        acc_r = acc_r * alpha[:, None] + tl.dot(p16, _staged(ST_V, ent, ex, n_r, N_R, N_O, D))
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), _staged(ST_V, ent, ex, cols, D))
     else:
-        k_o = _centroids(head_base, slot, tok_mask, CB_KO, OFF_KCO, N_O, NW_O, U, KBO)
-        s = tl.dot(q_o, tl.trans(k_o)) * _norm16(head_base, slot, tok_mask, OFF_KGO).to(tl.float32)[None, :]
-        k_r = _centroids(head_base, slot, tok_mask, CB_KR, OFF_KCR, N_R, NW_R, U, KBR)
-        s += tl.dot(q_r, tl.trans(k_r)) * _norm16(head_base, slot, tok_mask, OFF_KGR).to(tl.float32)[None, :]
+        k, k_scale = _vectors(head_base, slot, tok_mask, CB, TAB, OFF_KCO, OFF_KCR, OFF_KGO,
+                              OFF_KGR, D, N_O, KBO, KBR, U, USE_ASM)
+        s = tl.dot(q, tl.trans(k)) * k_scale[None, :]
         if HAS_QJL:
-            bits = _codes(head_base + OFF_KS + slot * (D // 8), tok_mask, D, D // U, U, 1)
-            signs = tl.where(bits != 0, 1.0, -1.0).to(tl.float16)
+            signs = _words(head_base, slot, tok_mask, k_scale, CB, TAB, CB + 64, TAB + 16, 0, 1,
+                           0, OFF_KS, 0, D, 1, 1, D // U, U, USE_ASM)
+            signs = tl.reshape(signs, [BLOCK_N, D])
             rnorm = _norm16(head_base, slot, tok_mask, OFF_KRN).to(tl.float32)
             s += tl.dot(sq, tl.trans(signs)) * rnorm[None, :]
         p, alpha, m_i, l_i = _online_softmax(s, visible, m_i, l_i, scale_log2e)
-        v_o = _centroids(head_base, slot, tok_mask, CB_VO, OFF_VCO, N_O, NW_O, U, VBO)
-        p_o = (p * _norm16(head_base, slot, tok_mask, OFF_VGO).to(tl.float32)[None, :]).to(tl.float16)
-        acc_o = acc_o * alpha[:, None] + tl.dot(p_o, v_o)
-        v_r = _centroids(head_base, slot, tok_mask, CB_VR, OFF_VCR, N_R, NW_R, U, VBR)
-        p_r = (p * _norm16(head_base, slot, tok_mask, OFF_VGR).to(tl.float32)[None, :]).to(tl.float16)
-        acc_r = acc_r * alpha[:, None] + tl.dot(p_r, v_r)
-    return m_i, l_i, acc_o, acc_r
+        v, v_scale = _vectors(head_base, slot, tok_mask, CB + 32, TAB + 8, OFF_VCO, OFF_VCR,
+                              OFF_VGO, OFF_VGR, D, N_O, VBO, VBR, U, USE_ASM)
+        p_v = (p * v_scale[None, :]).to(tl.float16)
+        acc = acc * alpha[:, None] + tl.dot(p_v, v)
+    return m_i, l_i, acc
 
 
 # Runtime sizes must not specialise the kernel: a new batch size mid-serving would recompile.
 @triton.jit(do_not_specialize=["stride_bt", "tokens_per_split", "part_stride", "num_seqs",
                               "window", "st_rows", "st_window"])
 def tq_attention_kernel(
-    Q_O, Q_R, SQ, CACHE, BLOCK_TABLE, SEQ_LENS, QUERY_START, CU_TILES,
-    CB_KO, CB_KR, CB_VO, CB_VR, PART_M, PART_L, PART_O, PART_R, ST_K, ST_V, ST_TAG,
+    Q, SQ, CACHE, BLOCK_TABLE, SEQ_LENS, QUERY_START, CU_TILES,
+    CB, TAB, PART_M, PART_L, PART_O, ST_K, ST_V, ST_TAG,
     scale_log2e, stride_bt, page_bytes, head_stride, tokens_per_split, part_stride, num_seqs, window,
     st_rows, st_window,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr,
-    N_R: tl.constexpr, NW_O: tl.constexpr, NW_R: tl.constexpr,  # words per plane, padded to 2^k
     U: tl.constexpr, BS: tl.constexpr,
     BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
     VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr, HAS_RECENT: tl.constexpr,
-    TAIL: tl.constexpr,
+    TAIL: tl.constexpr, USE_ASM: tl.constexpr,
     OFF_KCO: tl.constexpr, OFF_KCR: tl.constexpr, OFF_KS: tl.constexpr, OFF_KGO: tl.constexpr,
     OFF_KGR: tl.constexpr, OFF_KRN: tl.constexpr, OFF_VCO: tl.constexpr, OFF_VCR: tl.constexpr,
     OFF_VGO: tl.constexpr, OFF_VGR: tl.constexpr,
@@ -199,22 +215,18 @@ def tq_attention_kernel(
     row_len = tl.where(row_ok, seq_len - (q_end - 1 - t), 0)   # keys this row may see (causal)
     row_lo = tl.maximum(row_len - window, 0)                   # window: 2^30 when there is none
 
-    n_o = tl.arange(0, NW_O * U)
-    n_r = tl.arange(0, NW_R * U)
-    q_o = tl.load(Q_O + row[:, None] * (NW_O * U) + n_o[None, :], mask=row_ok[:, None], other=0.0)
-    q_r = tl.load(Q_R + row[:, None] * (NW_R * U) + n_r[None, :], mask=row_ok[:, None], other=0.0)
-    q_o = q_o.to(tl.float16)
-    q_r = q_r.to(tl.float16)
-    sq = q_o  # unused without QJL keys
+    # Queries (and S·q) in tile order: the launcher permuted them like the decoded tiles.
+    cd = tl.arange(0, D)
+    q = tl.load(Q + row[:, None] * D + cd[None, :], mask=row_ok[:, None], other=0.0)
+    q = q.to(tl.float16)
+    sq = q  # unused without QJL keys
     if HAS_QJL:
-        cd = tl.arange(0, D)
         sq = tl.load(SQ + row[:, None] * D + cd[None, :], mask=row_ok[:, None], other=0.0)
         sq = sq.to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_o = tl.zeros([BLOCK_M, NW_O * U], dtype=tl.float32)
-    acc_r = tl.zeros([BLOCK_M, NW_R * U], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
 
     # With exact copies (HAS_RECENT), a sequence's newest st_window positions (batch rows <
     # st_rows) are left to a second, TAIL launch of this kernel, which writes one more split.
@@ -234,25 +246,24 @@ def tq_attention_kernel(
     if TAIL:
         for start in tl.range(first, hi, BLOCK_N):
             for exact in tl.static_range(2):  # tokens without an exact copy, then the copies
-                m_i, l_i, acc_o, acc_r = _tile(
-                    start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc_o, acc_r, q_o,
-                    q_r, sq, CACHE, BLOCK_TABLE, CB_KO, CB_KR, CB_VO, CB_VR, ST_K, ST_V, ST_TAG,
+                m_i, l_i, acc = _tile(
+                    start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc, q, sq,
+                    CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
                     scale_log2e, stride_bt, page_bytes, head_stride, st_window,
-                    HKV, D, N_O, N_R, NW_O, NW_R, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL,
-                    True, exact == 1, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN,
-                    OFF_VCO, OFF_VCR, OFF_VGO, OFF_VGR)
+                    HKV, D, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL,
+                    True, exact == 1, USE_ASM, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR,
+                    OFF_KRN, OFF_VCO, OFF_VCR, OFF_VGO, OFF_VGR)
     else:
         for start in tl.range(first, hi, BLOCK_N):
-            m_i, l_i, acc_o, acc_r = _tile(
-                start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc_o, acc_r, q_o, q_r,
-                sq, CACHE, BLOCK_TABLE, CB_KO, CB_KR, CB_VO, CB_VR, ST_K, ST_V, ST_TAG,
+            m_i, l_i, acc = _tile(
+                start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc, q, sq,
+                CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
                 scale_log2e, stride_bt, page_bytes, head_stride, st_window,
-                HKV, D, N_O, N_R, NW_O, NW_R, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL, False,
-                False, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN, OFF_VCO, OFF_VCR,
-                OFF_VGO, OFF_VGR)
+                HKV, D, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL, False,
+                False, USE_ASM, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN, OFF_VCO,
+                OFF_VCR, OFF_VGO, OFF_VGR)
 
     part = row * part_stride + split
     tl.store(PART_M + part, m_i, mask=row_ok)
     tl.store(PART_L + part, l_i, mask=row_ok)
-    tl.store(PART_O + part[:, None] * (NW_O * U) + n_o[None, :], acc_o, mask=row_ok[:, None])
-    tl.store(PART_R + part[:, None] * (NW_R * U) + n_r[None, :], acc_r, mask=row_ok[:, None])
+    tl.store(PART_O + part[:, None] * D + cd[None, :], acc, mask=row_ok[:, None])
