@@ -10,9 +10,10 @@ table load per value took ~15):
   centroids' low bytes, once for their high bytes; two more `prmt`s interleave them into fp16 pairs;
 - 4-bit codes (16 centroids) use the codebook's symmetry c[15 - i] = -c[i]: the low 3 bits, flipped
   when the top bit is 0, index the 8 positive centroids and one more `prmt` ORs in the sign.
-Values come out in *tile order*: position p = (U/4)·r + i of a word holds channel b = r + 4i, so each
-fp16 pair a look-up makes is a pair of neighbouring positions (no repacking). The launcher permutes
-queries and value outputs to tile order once, folded into the rotation matrices.
+Values come out in *word order*: position p = (U/4)·r + i of a word holds channel b = r + 4i, so each
+fp16 pair a look-up makes is a pair of neighbouring positions (no repacking). The attention kernel
+stacks words into a tile (tq_attention.py) and the launcher permutes queries and value outputs to
+that order once, folded into the rotation matrices (paged_attention.tile_order).
 Under TRITON_INTERPRET (CPU tests, no PTX) the same values come from shifts and a table load.
 """
 from __future__ import annotations

@@ -7,11 +7,11 @@ run the same loop. Each row has its own causal length (and sliding-window start)
 
 Per tile of BLOCK_N cached tokens (spanning BLOCK_N / BS pages, gathered through the block table):
 bit planes are loaded as 32-bit words (16-bit at head_dim 64) and decoded in registers to fp16
-centroids by byte-permute look-ups (lut_unpack.py), in "tile order", the channel order queries and
-value outputs are given in. Channels go in power-of-two groups with no padding: outliers (n_o), the
-first 2·n_o regular channels and the last n_o. Per-token norms scale the scores (keys) and the
-probabilities (values) rather than every element. The QJL term is a tl.dot of S·q with the ±1 sign
-tile. Softmax is online (base 2); values accumulate in their rotated domain. Each split writes (max,
+centroids by byte-permute look-ups (lut_unpack.py); the d/U words of K (and of V) are stacked into
+one [BLOCK_N, d] tile whose channel order ("tile order", paged_attention.tile_order) queries and
+value outputs are given in. Per-token norms scale the scores (keys) and the probabilities (values)
+rather than every element; the outlier words carry γ_o/γ_r, so one tl.dot covers both channel
+groups. The QJL term is a tl.dot of S·q with the ±1 sign tile. Softmax is online (base 2); values accumulate in their rotated domain. Each split writes (max,
 sum, unnormalised accumulator); paged_attention.py merges the splits and rotates back once.
 """
 import triton
