@@ -102,26 +102,18 @@ def _tree(o, base: tl.constexpr, step: tl.constexpr, n: tl.constexpr):
 def _lookup(p0, p1, p2, p3, t0, t1, t2, t3, BITS: tl.constexpr, U: tl.constexpr):
     """U-tuple of fp16 [BLOCK_N, NW] (tile positions of each word) from the planes."""
     out: tl.constexpr = (tl.float16, ) * U
-    if U == 32:
-        if BITS == 1:
-            o = tl.inline_asm_elementwise(_A1_32, _C1_32, [p0, t0, t1, t2, t3], out, True, 1)
-        elif BITS == 2:
-            o = tl.inline_asm_elementwise(_A2_32, _C2_32, [p0, p1, t0, t1, t2, t3], out, True, 1)
-        elif BITS == 3:
-            o = tl.inline_asm_elementwise(_A3_32, _C3_32, [p0, p1, p2, t0, t1, t2, t3], out, True, 1)
-        else:
-            o = tl.inline_asm_elementwise(_A4_32, _C4_32, [p0, p1, p2, p3, t0, t1, t2, t3], out,
-                                          True, 1)
+    if BITS == 1:
+        o = tl.inline_asm_elementwise(_A1_32 if U == 32 else _A1_16, _C1_32 if U == 32 else _C1_16,
+                                      [p0, t0, t1, t2, t3], out, True, 1)
+    elif BITS == 2:
+        o = tl.inline_asm_elementwise(_A2_32 if U == 32 else _A2_16, _C2_32 if U == 32 else _C2_16,
+                                      [p0, p1, t0, t1, t2, t3], out, True, 1)
+    elif BITS == 3:
+        o = tl.inline_asm_elementwise(_A3_32 if U == 32 else _A3_16, _C3_32 if U == 32 else _C3_16,
+                                      [p0, p1, p2, t0, t1, t2, t3], out, True, 1)
     else:
-        if BITS == 1:
-            o = tl.inline_asm_elementwise(_A1_16, _C1_16, [p0, t0, t1, t2, t3], out, True, 1)
-        elif BITS == 2:
-            o = tl.inline_asm_elementwise(_A2_16, _C2_16, [p0, p1, t0, t1, t2, t3], out, True, 1)
-        elif BITS == 3:
-            o = tl.inline_asm_elementwise(_A3_16, _C3_16, [p0, p1, p2, t0, t1, t2, t3], out, True, 1)
-        else:
-            o = tl.inline_asm_elementwise(_A4_16, _C4_16, [p0, p1, p2, p3, t0, t1, t2, t3], out,
-                                          True, 1)
+        o = tl.inline_asm_elementwise(_A4_32 if U == 32 else _A4_16, _C4_32 if U == 32 else _C4_16,
+                                      [p0, p1, p2, p3, t0, t1, t2, t3], out, True, 1)
     return o
 
 
