@@ -10,10 +10,10 @@ table load per value took ~15):
   centroids' low bytes, once for their high bytes; two more `prmt`s interleave them into fp16 pairs;
 - 4-bit codes (16 centroids) use the codebook's symmetry c[15 - i] = -c[i]: the low 3 bits, flipped
   when the top bit is 0, index the 8 positive centroids and one more `prmt` ORs in the sign.
-Values come out in *word order*: position p = (U/4)·r + i of a word holds channel b = r + 4i, so each
-fp16 pair a look-up makes is a pair of neighbouring positions (no repacking). The attention kernel
-stacks words into a tile (tq_attention.py) and the launcher permutes queries and value outputs to
-that order once, folded into the rotation matrices (paged_attention.tile_order).
+Values come out in *word order*: position p = (U/4)·r + i of a word holds channel b = r + 4i, so
+each fp16 pair a look-up makes is a pair of neighbouring positions (no repacking). The attention
+kernel stacks words into a tile (tq_attention.py) and the launcher permutes queries and value
+outputs to that order once, folded into the rotation matrices (paged_attention.tile_order).
 Under TRITON_INTERPRET (CPU tests, no PTX) the same values come from shifts and a table load.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ def word_order(unit: int) -> torch.Tensor:
 
 def lut_tables(centroids: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [4] = (low bytes of entries 0-3, of 4-7, high bytes of 0-3, of 4-7) of the 8-entry
-    fp16 table the PTX looks up: the codebook (zero-padded) for bits <= 3, its positive half for 4."""
+    fp16 table the PTX looks up: the codebook (zero-padded) for bits <= 3, its positive half
+    for 4."""
     c = centroids.to(torch.float16).cpu()
     if bits == 4:
         if not torch.equal(c[8:], -c[:8].flip(0)):
@@ -47,7 +48,7 @@ def lut_tables(centroids: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _lut_asm(bits: int, unit: int) -> tuple[str, str]:
     """PTX and constraints: inputs planes p0..p{bits-1} then tables L0 L1 H0 H1 (lut_tables);
-    outputs the word's `unit` fp16 values in tile order."""
+    outputs the word's `unit` fp16 values in word order (word_order)."""
     ins = [f"${unit + k}" for k in range(bits)]
     L0, L1, H0, H1 = (f"${unit + bits + i}" for i in range(4))
     lines = [".reg .b32 s, m, t, x, lo, hi, y;"]
@@ -100,7 +101,7 @@ def _tree(o, base: tl.constexpr, step: tl.constexpr, n: tl.constexpr):
 
 @triton.jit
 def _lookup(p0, p1, p2, p3, t0, t1, t2, t3, BITS: tl.constexpr, U: tl.constexpr):
-    """U-tuple of fp16 [BLOCK_N, NW] (tile positions of each word) from the planes."""
+    """The word's U values (a U-tuple of fp16 [BLOCK_N], word order) from its planes."""
     out: tl.constexpr = (tl.float16, ) * U
     if BITS == 1:
         o = tl.inline_asm_elementwise(_A1_32 if U == 32 else _A1_16, _C1_32 if U == 32 else _C1_16,
@@ -118,7 +119,7 @@ def _lookup(p0, p1, p2, p3, t0, t1, t2, t3, BITS: tl.constexpr, U: tl.constexpr)
 
 
 @triton.jit
-def tile_channel(q, U: tl.constexpr):
+def word_channel(q, U: tl.constexpr):
     """Channel (within its word) of position q < U of a decoded word: see word_order."""
     return q // (U // 4) + 4 * (q % (U // 4))
 
@@ -149,7 +150,7 @@ def decode_word(row, tok_mask, CB, TAB, N: tl.constexpr, W: tl.constexpr, U: tl.
                     tl.load(TAB + 3), BITS, U)
         return tl.reshape(_tree(o, 0, 1, U), [row.shape[0], U])
     else:
-        b = tile_channel(tl.arange(0, U), U)[None, :]
+        b = word_channel(tl.arange(0, U), U)[None, :]
         code = (p0[:, None] >> b) & 1
         if BITS > 1:
             code |= ((p1[:, None] >> b) & 1) << 1

@@ -27,10 +27,9 @@ DECODE_BLOCK_N, PREFILL_BLOCK_N = 128, 64
 _TAIL_BLOCK_N = 64  # the exact-copies launch covers ~64 positions per sequence
 
 
-def _use_ptx(query: torch.Tensor) -> bool:
-    """The PTX look-ups run on NVIDIA GPUs; Triton's interpreter (CPU tests) takes the plain path."""
-    return query.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1" and \
-        torch.version.hip is None
+# The PTX look-ups run on NVIDIA GPUs; Triton's interpreter (CPU tests; on before triton is
+# imported) and ROCm take the kernel's plain-Triton path.
+_PTX = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.version.hip is None
 
 
 class AttentionConstants:
@@ -43,7 +42,7 @@ class AttentionConstants:
         kc = codec.key
         self.group = num_q_heads // codec.layout.num_kv_heads
         self.n_o, self.n_r = kc.n_o, kc.n_r
-        self.unit = 32 if kc.n_o % 32 == 0 else 16  # bits per plane word: d/4 channels hold >= 1
+        self.unit = 32 if kc.n_o % 32 == 0 else 16  # channels per plane word (16 at d = 64)
         self.device = device
         self.version = None
         self.refresh(codec)
@@ -160,7 +159,8 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         N_O=c.n_o, U=c.unit, BS=lay.block_size,
         KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits,
         VBO=vc.fmt.outlier_bits, VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,
-        HAS_RECENT=recent is not None, USE_ASM=_use_ptx(query), OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"],
+        HAS_RECENT=recent is not None, USE_ASM=_PTX and query.is_cuda,
+        OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"],
         OFF_KS=off.get("k.signs", 0),
         OFF_KGO=off["k.gamma_o"], OFF_KGR=off["k.gamma_r"], OFF_KRN=off.get("k.rnorm", 0),
         OFF_VCO=off["v.codes_o"], OFF_VCR=off["v.codes_r"], OFF_VGO=off["v.gamma_o"],

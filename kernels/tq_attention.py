@@ -11,13 +11,14 @@ centroids by byte-permute look-ups (lut_unpack.py); the d/U words of K (and of V
 one [BLOCK_N, d] tile whose channel order ("tile order", paged_attention.tile_order) queries and
 value outputs are given in. Per-token norms scale the scores (keys) and the probabilities (values)
 rather than every element; the outlier words carry γ_o/γ_r, so one tl.dot covers both channel
-groups. The QJL term is a tl.dot of S·q with the ±1 sign tile. Softmax is online (base 2); values accumulate in their rotated domain. Each split writes (max,
-sum, unnormalised accumulator); paged_attention.py merges the splits and rotates back once.
+groups. The QJL term is a tl.dot of S·q with the ±1 sign tile. Softmax is online (base 2); values
+accumulate in their rotated domain. Each split writes (max, sum, unnormalised accumulator);
+paged_attention.py merges the splits and rotates back once.
 """
 import triton
 import triton.language as tl
 
-from .lut_unpack import decode_word, tile_channel
+from .lut_unpack import decode_word, word_channel
 
 
 @triton.jit
@@ -78,7 +79,7 @@ def _online_softmax(s, visible, m_i, l_i, scale_log2e):
 def _tile_channels(D: tl.constexpr, U: tl.constexpr):
     """Channel of each tile position P = q·(D/U) + w: word w's position q (lut_unpack order)."""
     P = tl.arange(0, D)
-    return (P % (D // U)) * U + tile_channel(P // (D // U), U)
+    return (P % (D // U)) * U + word_channel(P // (D // U), U)
 
 
 @triton.jit
@@ -109,7 +110,8 @@ def _vectors(head_base, slot, tok_mask, CB, TAB, OFF_O: tl.constexpr, OFF_R: tl.
              OFF_GO: tl.constexpr, OFF_GR: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr,
              BITS_O: tl.constexpr, BITS_R: tl.constexpr, U: tl.constexpr, USE_ASM: tl.constexpr):
     """K or V of BLOCK_N tokens as one fp16 tile [BLOCK_N, D] in tile order, up to a per-token
-    scale (returned, fp32 [BLOCK_N]): scale · tile = γ_o·outliers ⊕ γ_r·regular. The scale is γ_r
+    scale (returned, fp32 [BLOCK_N]): scale · tile = γ_o·outliers ⊕ γ_r·regular (up to fp16
+    rounding of the outlier factor). The scale is γ_r
     (γ_o/1024 if that is larger) and the outlier words carry γ_o/scale ≤ 1024, so one tl.dot covers
     both groups (a key whose regular part is below 1/1024 of its outliers' gains ≤ 0.1% error)."""
     g_o = _norm16(head_base, slot, tok_mask, OFF_GO).to(tl.float32)
@@ -165,6 +167,7 @@ def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc, q, sq,
                               OFF_KGR, D, N_O, KBO, KBR, U, USE_ASM)
         s = tl.dot(q, tl.trans(k)) * k_scale[None, :]
         if HAS_QJL:
+            # every sign word is a "regular" 1-bit word: no outlier words, rho unused
             signs = _words(head_base, slot, tok_mask, k_scale, CB, TAB, CB + 64, TAB + 16, 0, 1,
                            0, OFF_KS, 0, D, 1, 1, D // U, U, USE_ASM)
             signs = tl.reshape(signs, [BLOCK_N, D])
