@@ -2,8 +2,8 @@
 `vllm_turboquant.codec.paged_attention` (see reference.py beside this file).
 
 Per layer and step: rotate the queries once per channel group (and project them by S once for QJL
-keys), run the kernel over (query tile, KV head, split), merge the splits, rotate the value
-accumulator back once and add the value mean. No host synchronisation and no per-request Python:
+keys), run the kernel over (query tile, KV head, split), then one epilogue kernel (tq_merge.py)
+merges the splits, rotates the value accumulator back once and adds the value mean. No host synchronisation and no per-request Python:
 grid sizes come from static shapes, so a decode step can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -12,10 +12,11 @@ import math
 import os
 
 import torch
+import triton
 
 from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 
-from . import next_pow2, tq_attention
+from . import next_pow2, tq_attention, tq_merge
 from .lut_unpack import lut_tables, word_order
 
 _LOG2E = 1.4426950408889634
@@ -25,6 +26,7 @@ _TARGET_PROGRAMS = 1056
 _NO_WINDOW = 1 << 30
 DECODE_BLOCK_N, PREFILL_BLOCK_N = 128, 64
 _TAIL_BLOCK_N = 64  # the exact-copies launch covers ~64 positions per sequence
+_MERGE_BLOCK_T = 16
 
 
 # The PTX look-ups run on NVIDIA GPUs; Triton's interpreter (CPU tests; on before triton is
@@ -62,13 +64,14 @@ class AttentionConstants:
         tables = torch.stack([lut_tables(q.centroids, bits) for q, bits in groups]
                              + [lut_tables(signs, 1)])
         qjl = (kc.qjl.float() * kc.qjl_scale)[perm][:, perm] if kc.fmt.has_qjl else torch.zeros(1)
+        r_v_tiles = torch.block_diag(vc.outlier.rotation, vc.regular.rotation).float()[perm]
         fresh = dict(
             r_k=torch.block_diag(kc.outlier.rotation, kc.regular.rotation).to(**f32)[perm],
-            r_v=torch.block_diag(vc.outlier.rotation, vc.regular.rotation).to(**f32)[perm],
             codebooks=codebooks.to(dev, torch.float16), tables=tables.to(dev), qjl=qjl.to(**f32),
             key_perm=codec.key_perm.to(dev).repeat_interleave(g, 0),       # [Hq, d]
-            value_perm=codec.value_perm.to(dev).repeat_interleave(g, 0),   # [Hq, d]
             value_mean=codec.value_mean.to(**f32).repeat_interleave(g, 0),  # [Hq, d]
+            key_mean=codec.key_mean.to(**f32).repeat_interleave(g, 0),      # [Hq, d]
+            r_back=_back_rotations(r_v_tiles, codec.value_perm).to(**f32),  # [Hkv, d, d]
         )
         for name, t in fresh.items():
             if self.version is None:
@@ -88,6 +91,13 @@ class AttentionConstants:
         elif c.version != codec.version:
             c.refresh(codec)
         return c
+
+
+def _back_rotations(r_v: torch.Tensor, value_perm: torch.Tensor) -> torch.Tensor:
+    """Per KV head, the matrix taking a tile-ordered, rotated value accumulator to the original
+    channels: rotate back (r_v), then put split channel j at value_perm[j] (a column permutation)."""
+    inverse = torch.argsort(value_perm.cpu(), dim=-1)                # [Hkv, d]
+    return torch.stack([r_v[:, inv] for inv in inverse])
 
 
 def tile_order(head_dim: int, unit: int) -> torch.Tensor:
@@ -112,12 +122,16 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
                      sliding_window: int | None = None, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int = 4,
                      target_programs: int = _TARGET_PROGRAMS,
-                     recent: RecentTokens | None = None) -> torch.Tensor:
+                     recent: RecentTokens | None = None, context_only: bool = False,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequence i owns queries query[qsl[i]:qsl[i+1]] ([T, Hq, d]), the last positions of its
     seq_lens[i] tokens, whose K/V are already in the cache [num_blocks, page_bytes]. Causal.
     max_query_len only picks the tile shape (any upper bound works). With `recent`, sequence i
     (batch row i) reads its newest positions from their exact copies where the tags match.
-    Returns [T, Hq, d] float32."""
+    context_only: attend to the earlier context only, not to the queries' own positions (the
+    caller attends those exactly and merges with `merge_attention`).
+    Returns [T, Hq, d] float32, and with return_lse the base-2 log-sum-exp of the scaled scores
+    [T, Hq] (-inf for a row that saw no key)."""
     lay = codec.layout
     num_tokens, hq, d = query.shape
     num_seqs = seq_lens.shape[0]
@@ -159,7 +173,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         N_O=c.n_o, U=c.unit, BS=lay.block_size,
         KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits,
         VBO=vc.fmt.outlier_bits, VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,
-        HAS_RECENT=recent is not None, USE_ASM=_PTX and query.is_cuda,
+        HAS_RECENT=recent is not None, USE_ASM=_PTX and query.is_cuda, CONTEXT_ONLY=context_only,
         OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"],
         OFF_KS=off.get("k.signs", 0),
         OFF_KGO=off["k.gamma_o"], OFF_KGR=off["k.gamma_r"], OFF_KRN=off.get("k.rnorm", 0),
@@ -172,14 +186,26 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         kernel[(max_tiles, lay.num_kv_heads, 1)](*args, BLOCK_N=min(block_n, _TAIL_BLOCK_N),
                                                  TAIL=True, **meta)
 
-    # Merge the splits (base-2 log-sum-exp), then rotate the value accumulator back once.
-    top = part_m.amax(-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.exp2(part_m - top)                                       # empty splits: weight 0
-    denom = (w * part_l).sum(-1, keepdim=True).clamp_min(1e-30)
-    out_perm = ((w.unsqueeze(-1) * part_o).sum(-2) / denom) @ c.r_v
-    out = torch.empty_like(out_perm).scatter_(-1, c.value_perm.expand(num_tokens, hq, d), out_perm)
-    return out + c.value_mean
+    # One epilogue launch: merge the splits, rotate back, add the value mean (tq_merge.py).
+    out = torch.empty(num_tokens, hq, d, **f32)
+    lse = torch.empty(num_tokens, hq, **f32) if return_lse else out
+    if num_tokens:
+        tq_merge.tq_merge_kernel[(triton.cdiv(num_tokens, _MERGE_BLOCK_T), hq)](
+            part_m, part_l, part_o, query.contiguous() if return_lse else out, c.key_mean,
+            c.r_back, c.value_mean, out, lse, num_tokens, slots, scale * _LOG2E,
+            HQ=hq, G=c.group, D=d, BLOCK_T=_MERGE_BLOCK_T, BLOCK_C=min(d, 64),
+            HAS_LSE=return_lse)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over two disjoint key sets → attention over their union: outputs [T, Hq, d]
+    weighted by their base-2 log-sum-exps [T, Hq] (-inf: the set was empty for that row; at least
+    one of the two must be finite)."""
+    top = torch.maximum(lse_a, lse_b)
+    w_a, w_b = torch.exp2(lse_a - top), torch.exp2(lse_b - top)
+    return (out_a * w_a[..., None] + out_b * w_b[..., None]) / (w_a + w_b)[..., None]
 
 
 def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tensor,
@@ -193,14 +219,16 @@ def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
 
 def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
             sliding_window: int | None = None, recent: RecentTokens | None = None) -> None:
-    """Compile the decode and the multi-token variants now (engine start-up), on two scratch
-    pages, so no request ever waits for Triton's JIT."""
+    """Compile the kernel variants vLLM's steps use now (engine start-up), on two scratch pages,
+    so no request ever waits for Triton's JIT."""
     lay = codec.layout
     pages = torch.zeros(2, lay.page_bytes, dtype=torch.uint8, device=device)
     table = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
     lens = torch.tensor([lay.block_size + 1], dtype=torch.int32, device=device)
-    for q_len in (1, 2):
+    # Decode, and multi-token queries over the context only (the backend's mixed batches; without
+    # FlashAttention they run causal over everything and compile at first use).
+    for q_len, context_only in ((1, False), (2, True)):
         query = torch.zeros(q_len, num_q_heads, lay.head_dim, device=device)
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=device)
         varlen_attention(codec, query, pages, table, lens, qsl, 1.0, q_len, sliding_window,
-                         recent=recent)
+                         recent=recent, context_only=context_only, return_lse=context_only)

@@ -194,7 +194,7 @@ def tq_attention_kernel(
     U: tl.constexpr, BS: tl.constexpr,
     BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
     VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr, HAS_RECENT: tl.constexpr,
-    TAIL: tl.constexpr, USE_ASM: tl.constexpr,
+    TAIL: tl.constexpr, USE_ASM: tl.constexpr, CONTEXT_ONLY: tl.constexpr,
     OFF_KCO: tl.constexpr, OFF_KCR: tl.constexpr, OFF_KS: tl.constexpr, OFF_KGO: tl.constexpr,
     OFF_KGR: tl.constexpr, OFF_KRN: tl.constexpr, OFF_VCO: tl.constexpr, OFF_VCR: tl.constexpr,
     OFF_VGO: tl.constexpr, OFF_VGR: tl.constexpr,
@@ -205,8 +205,9 @@ def tq_attention_kernel(
     if tile >= tl.load(CU_TILES + num_seqs):
         return  # the grid is a static upper bound on the number of query tiles
     b = _find_seq(CU_TILES, tile, num_seqs)
+    q_start = tl.load(QUERY_START + b)
     q_end = tl.load(QUERY_START + b + 1)
-    q_first = tl.load(QUERY_START + b) + (tile - tl.load(CU_TILES + b)) * BLOCK_Q
+    q_first = q_start + (tile - tl.load(CU_TILES + b)) * BLOCK_Q
     seq_len = tl.load(SEQ_LENS + b)
 
     # Rows: query token q_first + m // G_P2, query head h·G + m % G_P2.
@@ -217,6 +218,8 @@ def tq_attention_kernel(
     row = t * HQ + h * G + g
     row_len = tl.where(row_ok, seq_len - (q_end - 1 - t), 0)   # keys this row may see (causal)
     row_lo = tl.maximum(row_len - window, 0)                   # window: 2^30 when there is none
+    if CONTEXT_ONLY:  # the step's own tokens are attended elsewhere (exact, FlashAttention)
+        row_len = tl.minimum(row_len, seq_len - (q_end - q_start))
 
     # Queries (and S·q) in tile order: the launcher permuted them like the decoded tiles.
     cd = tl.arange(0, D)

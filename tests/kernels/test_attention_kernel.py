@@ -63,6 +63,54 @@ def test_mixed_batch_of_decode_and_chunks_over_cached_context(name, window, gen)
     assert _rel_err(got, want) <= 1e-2
 
 
+def _exact_part(q, k, v, scale, window):
+    """Causal attention of q over its own tokens' exact k/v, and its base-2 log-sum-exp."""
+    tq, hq, d = q.shape
+    g = hq // k.shape[1]
+    s = torch.einsum("thgd,lhd->thgl", q.view(tq, -1, g, d), k) * scale
+    pos = torch.arange(tq)
+    allowed = pos[None, :] <= pos[:, None]
+    if window is not None:
+        allowed &= pos[:, None] - pos[None, :] < window
+    s = s.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    out = torch.einsum("thgl,lhd->thgd", torch.softmax(s, -1), v).reshape(tq, hq, d)
+    return out, (torch.logsumexp(s, -1) * 1.4426950408889634).reshape(tq, hq)
+
+
+@pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
+@pytest.mark.parametrize("window", [None, 20])
+def test_context_only_merged_with_exact_new_tokens(name, window, gen):
+    # What the backend does for multi-token steps: the step's own tokens attend to each other
+    # exactly, the context before them through the pages; merged, that is attention over
+    # [decoded context, exact new tokens]. Decode, a 5-token chunk, a fresh prompt, 3 speculative.
+    from vllm_turboquant.codec import dense_attention
+    from vllm_turboquant.kernels.paged_attention import merge_attention
+
+    d, kv_heads, gqa, scale = 64, 2, 4, 64 ** -0.5
+    codec = _codec(name, d, kv_heads, 16, gen)
+    seq_lens, q_lens = [33, 17, 40, 9], [1, 5, 40, 3]
+    cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    query = torch.randn(int(qsl[-1]), kv_heads * gqa, d, generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    out_ctx, lse_ctx = varlen_attention(codec, on(query), on(cache), on(table), on(lens), on(qsl),
+                                        scale, max(q_lens), sliding_window=window, num_splits=2,
+                                        context_only=True, return_lse=True)
+    for i, (n, t) in enumerate(zip(seq_lens, q_lens)):
+        rows = slice(int(qsl[i]), int(qsl[i + 1]))
+        k, v = dense[i]
+        k_hat, v_hat = codec.read_tokens(cache, table[i, : (n + 15) // 16], n)
+        ctx = n - t
+        want = dense_attention(query[rows], torch.cat([k_hat[:ctx], k[ctx:]]),
+                               torch.cat([v_hat[:ctx], v[ctx:]]), scale, sliding_window=window)
+        out_new, lse_new = _exact_part(query[rows], k[ctx:], v[ctx:], scale, window)
+        if ctx == 0:
+            assert torch.isneginf(lse_ctx[rows]).all()  # a fresh prompt has no context
+        got = merge_attention(out_ctx[rows].cpu(), lse_ctx[rows].cpu(), out_new, lse_new)
+        assert _rel_err(got, want) <= 1e-2, i
+
+
 def test_constants_follow_calibration_in_place(gen):
     # CUDA graphs keep the buffers they captured: a later calibration must rewrite them in place.
     codec = LayerKVCodec(page_layout("turboquant_3.5_mse", 64, 16, 1))

@@ -3,10 +3,12 @@
 Pages are each layer's raw uint8 KV buffer viewed as [num_blocks, page_bytes] (byte layout in
 `vllm_turboquant.codec.layout`). vLLM calls `do_kv_cache_update` (encode new K/V into their slots)
 and then `forward` (attend over the pages). On CUDA, K/V writes run the fused Triton write
-kernel and attention the Triton paged kernel over the packed pages (`vllm_turboquant.kernels`) for
-every batch that reads cached context (decode, chunked prefill, prefix hits, speculative tokens,
-sliding windows); batches made only of fresh prompts attend to their exact K/V with FlashAttention.
-On CPU everything runs the pure-PyTorch codec. Uniform decode batches are CUDA-graph safe (no host
+kernel, and every token reads the context cached before its step through the Triton paged kernel
+over the packed pages (`vllm_turboquant.kernels`): decode, chunked prefill, prefix hits,
+speculative tokens, sliding windows. In multi-token steps the step's own new tokens attend to each
+other exactly with FlashAttention (as on a bf16 cache) and the two halves merge by log-sum-exp, so
+a long prompt chunk never decodes pages quadratically. On CPU everything runs the pure-PyTorch
+codec. Uniform decode batches are CUDA-graph safe (no host
 syncs): vLLM captures them whole.
 
 Newest tokens exact: every layer keeps fp16 copies of each running sequence's newest
@@ -33,6 +35,7 @@ from ..codec.formats import FORMATS, SUPPORTED_HEAD_SIZES, is_turboquant_dtype
 from ..codec.layout import BLOCK_SIZE_MULTIPLE
 from . import options
 
+_LOG2E = 1.4426950408889634  # FlashAttention's natural log-sum-exp → the kernel's base 2
 
 class TurboQuantBackend(AttentionBackend):
     accept_output_buffer: bool = True
@@ -88,17 +91,30 @@ class TurboQuantBackend(AttentionBackend):
 
 
 @dataclass
+class ContextQueries:
+    """A multi-token step's query tokens that have cached context to read (not fresh prompts),
+    chosen on the host when the step's metadata is built (CUDA only)."""
+    tokens: torch.Tensor           # [n] their indices in the step's queries (device)
+    query_start_loc: torch.Tensor  # [num_reqs + 1] (device): fresh prompts keep no queries
+    max_query_len: int
+    num_step_tokens: int           # all (unpadded) query tokens of the step
+    every_token: bool              # tokens == arange(num_step_tokens): skip the gather
+
+
+@dataclass
 class TurboQuantMetadata:
     num_actual_tokens: int
+    num_reqs: int
     max_query_len: int
     max_seq_len: int
-    query_start_loc: torch.Tensor      # [num_reqs + 1], on the host (the torch path loops on it)
-    seq_lens: torch.Tensor             # [num_reqs], on the host
+    query_start_loc: torch.Tensor      # [num_reqs + 1], on the host
+    seq_lens: torch.Tensor | None      # [num_reqs] on the host (CPU; CUDA multi-token steps)
     query_start_loc_device: torch.Tensor  # [num_reqs + 1], where the kernels run
     seq_lens_device: torch.Tensor      # [num_reqs], where the kernels run
     block_table: torch.Tensor          # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor         # [num_tokens]
     causal: bool = True
+    context: ContextQueries | None = None       # CUDA multi-token steps; None: all fresh
     recent_entries: torch.Tensor | None = None  # [num_tokens], filled by the step's first write
 
 
@@ -126,17 +142,33 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TurboQuantMetadata:
         cam = common_attn_metadata
+        num_reqs = cam.num_reqs
+        on_gpu = self.device.type == "cuda"
+        # Host lengths. On a GPU, reading cam.seq_lens_cpu copies them from the device (vLLM's
+        # GPU model runner v2 keeps none): a sync every step that stalls async scheduling.
+        # Decode needs none; multi-token steps use the host upper bound, exact for every row
+        # that can be a fresh prompt (a row it overstates only reads an empty context).
+        seq_lens = None
+        if not on_gpu:
+            seq_lens = cam.seq_lens  # already on the host
+        elif cam.max_query_len > 1:
+            seq_lens = cam.seq_lens_cpu_upper_bound
+            seq_lens = (cam.seq_lens_cpu if seq_lens is None else seq_lens)[:num_reqs]
+        qsl = cam.query_start_loc_cpu
         return TurboQuantMetadata(
             num_actual_tokens=cam.num_actual_tokens,
+            num_reqs=num_reqs,
             max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len,
-            query_start_loc=cam.query_start_loc_cpu,
-            seq_lens=cam.seq_lens_cpu,
+            query_start_loc=qsl,
+            seq_lens=seq_lens,
             query_start_loc_device=cam.query_start_loc,
             seq_lens_device=cam.seq_lens,
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping,
             causal=bool(cam.causal) if not isinstance(cam.causal, torch.Tensor) else True,
+            context=(_context_queries(qsl[: num_reqs + 1], seq_lens, self.device)
+                     if on_gpu and seq_lens is not None else None),
         )
 
 
@@ -217,7 +249,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if not isinstance(m, TurboQuantMetadata):
             return None  # profiling or micro-batched steps: nothing is staged
         if m.recent_entries is None:
-            num_reqs = m.seq_lens.shape[0]
+            num_reqs = m.num_reqs
             m.recent_entries = self.recent.entries(
                 slot_mapping, m.query_start_loc_device[: num_reqs + 1], m.seq_lens_device[:num_reqs])
         return m.recent_entries
@@ -257,45 +289,60 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 kv_cache: torch.Tensor, m: TurboQuantMetadata) -> torch.Tensor:
         n = q.shape[0]
         if m.max_query_len > 1 and key is not None:
-            # Sequences that are fresh prompts (no cached context) attend to the exact K/V just
-            # computed, as FlashAttention does on a bf16 cache. Every token that reads earlier
-            # context (decode, later chunks, prefix hits) goes through the compressed pages.
-            fresh = m.seq_lens == m.query_start_loc.diff()
-            if bool(fresh.all()):
-                return self._fresh_prefill(q, key[:n], value[:n], m)
-            # Per-sequence split on CUDA only (prefill speed); the CPU path keeps the all-or-nothing
-            # rule its preemption/resume equivalence test was measured with.
-            if q.is_cuda and bool(fresh.any()):
-                out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-                fresh_m, fresh_tok = _queries_of(m, fresh)
-                out[fresh_tok] = self._fresh_prefill(q[fresh_tok], key[:n][fresh_tok],
-                                                     value[:n][fresh_tok], fresh_m).float()
-                cached_m, cached_tok = _queries_of(m, ~fresh)
-                out[cached_tok] = self._cached_attention(q[cached_tok], kv_cache, cached_m)
-                return out
+            k, v = key[:n], value[:n]
+            if q.is_cuda and m.causal:
+                out = self._new_and_cached(q, k, v, kv_cache, m)
+                if out is not None:
+                    return out
+            qsl = m.query_start_loc
+            if bool((m.seq_lens == qsl[1:] - qsl[:-1]).all()):  # host tensors: fresh prompts
+                return self._fresh_prefill(q, k, v, m)
         return self._cached_attention(q, kv_cache, m)
 
-    def _cached_attention(self, q: torch.Tensor, kv_cache: torch.Tensor,
-                          m: TurboQuantMetadata) -> torch.Tensor:
+    def _new_and_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        kv_cache: torch.Tensor, m: TurboQuantMetadata) -> torch.Tensor | None:
+        """Multi-token steps on CUDA (prompts, chunked prefill, prefix hits, decodes mixed with
+        prompts): the step's new tokens attend to each other exactly, with FlashAttention on the
+        K/V just computed (as a bf16 cache would; with exact newest tokens on, the values the
+        pages' exact copies hold), and to the context cached before the step through the
+        compressed pages; the halves merge by log-sum-exp. None: no FlashAttention here."""
+        ctx = m.context
+        new = _flash_attention(q, k, v, m, self.scale, self.sliding_window,
+                               return_lse=ctx is not None)
+        if new is None or ctx is None:
+            return new
+        from ..kernels.paged_attention import merge_attention
+
+        out, lse = new[0].float(), new[1].float().T * _LOG2E  # FA: natural log, [Hq, T]
+        rows = slice(0, ctx.num_step_tokens) if ctx.every_token else ctx.tokens
+        ctx_out, ctx_lse = self._cached_attention(q[rows], kv_cache, m, ctx)
+        out[rows] = merge_attention(ctx_out, ctx_lse, out[rows], lse[rows])
+        return out
+
+    def _cached_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, m: TurboQuantMetadata,
+                          context: ContextQueries | None = None):
+        """Attention through the pages: every key up to each query (causal), or with `context`
+        only the keys cached before the step, with the log-sum-exp (see _new_and_cached)."""
         codec = self._codec_for(kv_cache)
         pages = kv_cache.view(kv_cache.shape[0], -1)
-        num_reqs = m.seq_lens.shape[0]
+        num_reqs = m.num_reqs
         if q.is_cuda:
             from ..kernels.paged_attention import varlen_attention
 
+            qsl, max_q = m.query_start_loc_device[: num_reqs + 1], m.max_query_len
+            if context is not None:
+                qsl, max_q = context.query_start_loc, context.max_query_len
             return varlen_attention(codec, q, pages, m.block_table[:num_reqs],
-                                    m.seq_lens_device[:num_reqs],
-                                    m.query_start_loc_device[: num_reqs + 1], self.scale,
-                                    m.max_query_len, self.sliding_window, recent=self.recent)
+                                    m.seq_lens_device[:num_reqs], qsl, self.scale, max_q,
+                                    self.sliding_window, recent=self.recent,
+                                    context_only=context is not None,
+                                    return_lse=context is not None)
         return paged_attention(codec, q, pages, m.block_table, m.seq_lens, m.query_start_loc,
                                self.scale, m.causal, self.sliding_window, self.recent)
 
     def _fresh_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        m: TurboQuantMetadata) -> torch.Tensor:
-        if q.is_cuda and m.causal:
-            out = _flash_attention(q, k, v, m, self.scale, self.sliding_window)
-            if out is not None:
-                return out
+        """Fresh prompts without FlashAttention (CPU): exact attention, one prompt at a time."""
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         starts = m.query_start_loc.tolist()
         for a, b in zip(starts[:-1], starts[1:]):
@@ -319,31 +366,29 @@ def _recent_tokens(num_kv_heads: int, head_size: int) -> RecentTokens | None:
     return RecentTokens(rows, window, num_kv_heads, head_size, config.device_config.device)
 
 
-def _queries_of(m: TurboQuantMetadata,
-                keep: torch.Tensor) -> tuple[TurboQuantMetadata, torch.Tensor]:
-    """The metadata with only the query tokens of the sequences in `keep` (host bool [num_reqs]),
-    and those tokens' indices (eager, mixed prefill batches only: this reads host tensors). Every
-    sequence keeps its batch row and the others get no queries, so row-indexed state such as the
-    exact-recent buffer still lines up (FlashAttention skips the empty sequences)."""
-    num_reqs = keep.shape[0]
-    q_lens = m.query_start_loc.diff()[:num_reqs]
-    tok = torch.repeat_interleave(keep, q_lens).nonzero().squeeze(1)
-    kept_lens = torch.where(keep, q_lens, torch.zeros_like(q_lens))
-    qsl = torch.zeros(num_reqs + 1, dtype=m.query_start_loc.dtype)
-    torch.cumsum(kept_lens, 0, out=qsl[1:])
-    dev = m.seq_lens_device.device
-    sub = TurboQuantMetadata(
-        num_actual_tokens=int(tok.shape[0]), max_query_len=int(kept_lens.max()),
-        max_seq_len=m.max_seq_len, query_start_loc=qsl, seq_lens=m.seq_lens,
-        query_start_loc_device=qsl.to(dev), seq_lens_device=m.seq_lens_device,
-        block_table=m.block_table, slot_mapping=m.slot_mapping, causal=m.causal)
-    return sub, tok.to(dev)
+def _context_queries(qsl: torch.Tensor, seq_lens: torch.Tensor,
+                     device: torch.device) -> ContextQueries | None:
+    """Host-side selection of the query tokens that read cached context (None: every sequence
+    is a fresh prompt). Copied to the device through pinned memory: no sync."""
+    q_lens = qsl[1:] - qsl[:-1]
+    has_ctx = seq_lens > q_lens
+    if not bool(has_ctx.any()):
+        return None
+    kept = torch.where(has_ctx, q_lens, torch.zeros_like(q_lens))
+    sub_qsl = torch.zeros(qsl.shape[0], dtype=torch.int32)
+    torch.cumsum(kept, 0, out=sub_qsl[1:])
+    tokens = torch.repeat_interleave(has_ctx, q_lens.long()).nonzero().squeeze(1)
+    to_dev = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+    return ContextQueries(tokens=to_dev(tokens), query_start_loc=to_dev(sub_qsl),
+                          max_query_len=int(kept.max()), num_step_tokens=int(qsl[-1]),
+                          every_token=bool(has_ctx.all()))
 
 
 def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: TurboQuantMetadata,
-                     scale: float, sliding_window: int | None) -> torch.Tensor | None:
-    """vLLM's FlashAttention over the fresh prompts' exact K/V (what the bf16 cache would do), or
-    None where this vLLM build has no FlashAttention for the GPU."""
+                     scale: float, sliding_window: int | None, return_lse: bool = False):
+    """vLLM's FlashAttention of each sequence's new tokens over their own exact K/V, causal (for a
+    fresh prompt: what the bf16 cache would do); with return_lse also the natural log-sum-exp
+    [Hq, T]. None where this vLLM build has no FlashAttention for the GPU."""
     try:
         from vllm.v1.attention.backends.fa_utils import (flash_attn_varlen_func,
                                                          get_flash_attn_version)
@@ -358,4 +403,4 @@ def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: Turbo
     return flash_attn_varlen_func(q.to(dtype), k.to(dtype), v.to(dtype), max_seqlen_q=m.max_query_len,
                                   cu_seqlens_q=qsl, max_seqlen_k=m.max_query_len, cu_seqlens_k=qsl,
                                   softmax_scale=scale, causal=True, window_size=list(window),
-                                  fa_version=version)
+                                  return_softmax_lse=return_lse, fa_version=version)
