@@ -2,8 +2,8 @@
 `vllm_turboquant.codec.paged_attention` (see reference.py beside this file).
 
 Per layer and step: rotate the queries once per channel group (and project them by S once for QJL
-keys), run the kernel over (query tile, KV head, split), then one epilogue kernel (tq_merge.py)
-merges the splits, rotates the value accumulator back once and adds the value mean. No host synchronisation and no per-request Python:
+keys), run the kernel over (query tile, KV head, split), merge the splits (tq_merge.py), rotate
+the value accumulator back once (one batched GEMM) and add the value mean. No host synchronisation and no per-request Python:
 grid sizes come from static shapes, so a decode step can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ import math
 import os
 
 import torch
-import triton
 
 from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 
@@ -26,7 +25,7 @@ _TARGET_PROGRAMS = 1056
 _NO_WINDOW = 1 << 30
 DECODE_BLOCK_N, PREFILL_BLOCK_N = 128, 64
 _TAIL_BLOCK_N = 64  # the exact-copies launch covers ~64 positions per sequence
-_MERGE_BLOCK_T = 16
+_MERGE_BLOCK_S = 16  # splits per merge step
 
 
 # The PTX look-ups run on NVIDIA GPUs; Triton's interpreter (CPU tests; on before triton is
@@ -71,7 +70,8 @@ class AttentionConstants:
             key_perm=codec.key_perm.to(dev).repeat_interleave(g, 0),       # [Hq, d]
             value_mean=codec.value_mean.to(**f32).repeat_interleave(g, 0),  # [Hq, d]
             key_mean=codec.key_mean.to(**f32).repeat_interleave(g, 0),      # [Hq, d]
-            r_back=_back_rotations(r_v_tiles, codec.value_perm).to(**f32),  # [Hkv, d, d]
+            r_back=_back_rotations(r_v_tiles, codec.value_perm).to(**f32)
+            .repeat_interleave(g, 0),                                      # [Hq, d, d]
         )
         for name, t in fresh.items():
             if self.version is None:
@@ -186,15 +186,16 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         kernel[(max_tiles, lay.num_kv_heads, 1)](*args, BLOCK_N=min(block_n, _TAIL_BLOCK_N),
                                                  TAIL=True, **meta)
 
-    # One epilogue launch: merge the splits, rotate back, add the value mean (tq_merge.py).
-    out = torch.empty(num_tokens, hq, d, **f32)
-    lse = torch.empty(num_tokens, hq, **f32) if return_lse else out
+    # Merge the splits (tq_merge.py, head-major), then one batched GEMM rotates every head back
+    # (undoing the tile order and the outlier/regular split too) and adds the value mean.
+    y = torch.empty(hq, num_tokens, d, **f32)
+    lse = torch.empty(num_tokens, hq, **f32) if return_lse else y
     if num_tokens:
-        tq_merge.tq_merge_kernel[(triton.cdiv(num_tokens, _MERGE_BLOCK_T), hq)](
-            part_m, part_l, part_o, query.contiguous() if return_lse else out, c.key_mean,
-            c.r_back, c.value_mean, out, lse, num_tokens, slots, scale * _LOG2E,
-            HQ=hq, G=c.group, D=d, BLOCK_T=_MERGE_BLOCK_T, BLOCK_C=min(d, 64),
-            HAS_LSE=return_lse)
+        tq_merge.tq_merge_kernel[(num_tokens, hq)](
+            part_m, part_l, part_o, query.contiguous() if return_lse else y, c.key_mean, y, lse,
+            num_tokens, slots, scale * _LOG2E, HQ=hq, D=d, BLOCK_S=_MERGE_BLOCK_S,
+            HAS_LSE=return_lse, num_warps=2)
+    out = torch.baddbmm(c.value_mean.unsqueeze(1), y, c.r_back).transpose(0, 1)
     return (out, lse) if return_lse else out
 
 

@@ -1,12 +1,12 @@
-"""Triton epilogue of the paged attention: merge the splits, rotate back, add the value mean.
+"""Triton merge of the attention kernel's splits (tq_attention.py).
 
-The attention kernel (tq_attention.py) leaves, per (query row, split), a base-2 running max, a sum
-of probabilities and an unnormalised value accumulator in the rotated, tile-ordered domain. One
-program per (BLOCK_T query tokens, query head) combines the splits by log-sum-exp, normalises,
-multiplies by the head's back-rotation (which also undoes the tile order and the outlier/regular
-channel split) and adds the value mean; optionally it writes the row's log-sum-exp of the scaled
-scores, q·μ_k included (the pages hold keys minus their mean), to merge with other attention.
-One launch replaces a dozen small PyTorch ops: it matters at small batches and large chunks.
+The kernel leaves, per (query row, split), a base-2 running max, a sum of probabilities and an
+unnormalised value accumulator in the rotated, tile-ordered domain. One program per (query token,
+query head) combines its splits by log-sum-exp and normalises; it writes the result head-major
+([Hq, T, d]) so the launcher rotates every head back with one batched GEMM. Optionally it writes
+the row's log-sum-exp of the scaled scores, q·μ_k included (the pages hold keys minus their mean),
+to merge with attention computed elsewhere. Splits are read BLOCK_S at a time, the maxima in a
+first pass, so no load waits on the previous chunk's arithmetic (batch 1 at 32k has ~64 splits).
 """
 import triton
 import triton.language as tl
@@ -14,45 +14,37 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["num_tokens", "slots"])
 def tq_merge_kernel(
-    PART_M, PART_L, PART_O, Q, KEY_MEAN, R_BACK, VALUE_MEAN, OUT, LSE,
+    PART_M, PART_L, PART_O, Q, KEY_MEAN, Y, LSE,
     num_tokens, slots, scale_log2e,
-    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_C: tl.constexpr, HAS_LSE: tl.constexpr,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LSE: tl.constexpr,
 ):
+    t = tl.program_id(0)
     h = tl.program_id(1)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < num_tokens
     row = t * HQ + h
     cd = tl.arange(0, D)
 
-    m = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_T, D], dtype=tl.float32)
-    for s in range(slots):
+    top = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, slots, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        top = tl.maximum(top, tl.load(PART_M + row * slots + s, mask=s < slots,
+                                      other=float("-inf")))
+    top = tl.max(top, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # nothing seen: every weight is 0
+    l_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for s0 in range(0, slots, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = s < slots
         part = row * slots + s
-        m_s = tl.load(PART_M + part, mask=t_ok, other=float("-inf"))
-        l_s = tl.load(PART_L + part, mask=t_ok, other=0.0)
-        o_s = tl.load(PART_O + part[:, None] * D + cd[None, :], mask=t_ok[:, None], other=0.0)
-        m_new = tl.maximum(m, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty so far: weights 0
-        a = tl.exp2(m - m_safe)
-        b = tl.exp2(m_s - m_safe)
-        l = l * a + l_s * b
-        acc = acc * a[:, None] + o_s * b[:, None]
-        m = m_new
-    y = acc / tl.maximum(l, 1e-30)[:, None]
-
-    # Back-rotation of the head's KV head, BLOCK_C output channels at a time (fp32 tiles of
-    # d x d would not fit shared memory at d = 256).
-    r_base = R_BACK + (h // G) * D * D
-    for c0 in tl.static_range(0, D, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        r = tl.load(r_base + cd[:, None] * D + cc[None, :])
-        out = tl.dot(y, r, input_precision="ieee") + tl.load(VALUE_MEAN + h * D + cc)[None, :]
-        tl.store(OUT + row[:, None] * D + cc[None, :], out, mask=t_ok[:, None])
+        w = tl.exp2(tl.load(PART_M + part, mask=ok, other=float("-inf")) - top)
+        l_sum += w * tl.load(PART_L + part, mask=ok, other=0.0)
+        o = tl.load(PART_O + part[:, None] * D + cd[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(o * w[:, None], 0)
+    total = tl.sum(l_sum, 0)
+    tl.store(Y + (h * num_tokens + t) * D + cd, acc / tl.maximum(total, 1e-30))
     if HAS_LSE:
-        q = tl.load(Q + row[:, None] * D + cd[None, :], mask=t_ok[:, None], other=0.0)
-        q_mu = tl.sum(q.to(tl.float32) * tl.load(KEY_MEAN + h * D + cd)[None, :], 1)
-        lse = tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)) + q_mu * scale_log2e,
+        q = tl.load(Q + row * D + cd).to(tl.float32)
+        q_mu = tl.sum(q * tl.load(KEY_MEAN + h * D + cd), 0)
+        lse = tl.where(total > 0, top + tl.log2(tl.maximum(total, 1e-30)) + q_mu * scale_log2e,
                        float("-inf"))
-        tl.store(LSE + row, lse, mask=t_ok)
+        tl.store(LSE + row, lse)

@@ -282,7 +282,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         m = attn_metadata
         n = m.num_actual_tokens
         out = self._attend(query[:n], key, value, kv_cache, m)
-        output[:n].copy_(out.to(output.dtype).view(output[:n].shape))
+        output[:n].view(out.shape).copy_(out)  # casts; `out` may be a transposed view
         return output
 
     def _attend(self, q: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
