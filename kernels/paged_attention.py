@@ -226,9 +226,10 @@ def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
     pages = torch.zeros(2, lay.page_bytes, dtype=torch.uint8, device=device)
     table = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
     lens = torch.tensor([lay.block_size + 1], dtype=torch.int32, device=device)
-    # Decode, and multi-token queries over the context only (the backend's mixed batches; without
-    # FlashAttention they run causal over everything and compile at first use).
-    for q_len, context_only in ((1, False), (2, True)):
+    # Decode; and over the context only, single- and multi-token tiles: the backend's mixed steps
+    # (where only decodes have context the tiles are single-token). Without FlashAttention,
+    # multi-token steps run causal over everything and compile at first use.
+    for q_len, context_only in ((1, False), (1, True), (2, True)):
         query = torch.zeros(q_len, num_q_heads, lay.head_dim, device=device)
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=device)
         varlen_attention(codec, query, pages, table, lens, qsl, 1.0, q_len, sliding_window,
