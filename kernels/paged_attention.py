@@ -3,8 +3,9 @@
 
 Per layer and step: rotate the queries once per channel group (and project them by S once for QJL
 keys), run the kernel over (query tile, KV head, split), merge the splits (tq_merge.py), rotate
-the value accumulator back once (one batched GEMM) and add the value mean. No host synchronisation and no per-request Python:
-grid sizes come from static shapes, so a decode step can be captured in a CUDA graph.
+the value accumulator back once (one batched GEMM) and add the value mean. No host
+synchronisation and no per-request Python: grid sizes come from static shapes, so a decode step
+can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 from . import next_pow2, tq_attention, tq_merge
 from .lut_unpack import lut_tables, word_order
 
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
 # Tuned on an H100 at 16 sequences x 32k (bench/kernel_decode.py --sweep): decode tiles of 128
 # cached tokens, ~8 programs per SM; multi-token tiles (64 query rows) use 64 to bound registers.
 _TARGET_PROGRAMS = 1056
@@ -68,10 +69,9 @@ class AttentionConstants:
             r_k=torch.block_diag(kc.outlier.rotation, kc.regular.rotation).to(**f32)[perm],
             codebooks=codebooks.to(dev, torch.float16), tables=tables.to(dev), qjl=qjl.to(**f32),
             key_perm=codec.key_perm.to(dev).repeat_interleave(g, 0),       # [Hq, d]
-            value_mean=codec.value_mean.to(**f32).repeat_interleave(g, 0),  # [Hq, d]
             key_mean=codec.key_mean.to(**f32).repeat_interleave(g, 0),      # [Hq, d]
-            r_back=_back_rotations(r_v_tiles, codec.value_perm).to(**f32)
-            .repeat_interleave(g, 0),                                      # [Hq, d, d]
+            value_mean=codec.value_mean.to(**f32).unsqueeze(1),             # [Hkv, 1, d]
+            r_back=_back_rotations(r_v_tiles, codec.value_perm).to(**f32),  # [Hkv, d, d]
         )
         for name, t in fresh.items():
             if self.version is None:
@@ -165,7 +165,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     st = (recent.key, recent.value, recent.tag) if recent is not None else (cache, cache, cache)
     args = (q, sq, cache, block_table, seq_lens, query_start_loc, tiles,
             c.codebooks, c.tables, part_m, part_l, part_o, *st,
-            scale * _LOG2E, block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
+            scale * LOG2E, block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
             slots, num_seqs, sliding_window or _NO_WINDOW,
             recent.rows if recent is not None else 0, recent.window if recent is not None else 1)
     meta = dict(
@@ -186,16 +186,19 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         kernel[(max_tiles, lay.num_kv_heads, 1)](*args, BLOCK_N=min(block_n, _TAIL_BLOCK_N),
                                                  TAIL=True, **meta)
 
-    # Merge the splits (tq_merge.py, head-major), then one batched GEMM rotates every head back
-    # (undoing the tile order and the outlier/regular split too) and adds the value mean.
+    # Merge the splits (tq_merge.py, head-major), then one batched GEMM per KV head (its query
+    # heads are adjacent rows) rotates back, undoing the tile order and the outlier/regular split
+    # too, and adds the value mean.
     y = torch.empty(hq, num_tokens, d, **f32)
     lse = torch.empty(num_tokens, hq, **f32) if return_lse else y
     if num_tokens:
         tq_merge.tq_merge_kernel[(num_tokens, hq)](
             part_m, part_l, part_o, query.contiguous() if return_lse else y, c.key_mean, y, lse,
-            num_tokens, slots, scale * _LOG2E, HQ=hq, D=d, BLOCK_S=_MERGE_BLOCK_S,
+            num_tokens, slots, scale * LOG2E, HQ=hq, D=d, BLOCK_S=_MERGE_BLOCK_S,
             HAS_LSE=return_lse, num_warps=2)
-    out = torch.baddbmm(c.value_mean.unsqueeze(1), y, c.r_back).transpose(0, 1)
+    hkv = lay.num_kv_heads
+    out = torch.baddbmm(c.value_mean, y.view(hkv, -1, d), c.r_back)
+    out = out.view(hq, num_tokens, d).transpose(0, 1)
     return (out, lse) if return_lse else out
 
 

@@ -44,17 +44,23 @@ def test_decode_matches_the_codec(name, d, kv_heads, gqa, block_size, gen):
         assert _rel_err(got, want) <= 1e-2, splits
 
 
-@pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_2.5_mse"])
-@pytest.mark.parametrize("window", [None, 20])
-def test_mixed_batch_of_decode_and_chunks_over_cached_context(name, window, gen):
-    # decode, a chunk of 5 over 12 cached tokens, a whole fresh prompt, a 3-token speculative step
-    d, kv_heads, gqa = 64, 2, 4
+def _mixed_batch(name, gen, d=64, kv_heads=2, gqa=4):
+    """Decode, a chunk of 5 over 12 cached tokens, a whole fresh prompt, a 3-token speculative
+    step: (codec, seq_lens, q_lens, cache, table, dense K/V, qsl, query, lens)."""
     codec = _codec(name, d, kv_heads, 16, gen)
     seq_lens, q_lens = [33, 17, 40, 9], [1, 5, 40, 3]
-    cache, table, _ = build_cache(codec, seq_lens, gen, num_blocks=16)
+    cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
     qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     query = torch.randn(int(qsl[-1]), kv_heads * gqa, d, generator=gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return codec, seq_lens, q_lens, cache, table, dense, qsl, query, lens
+
+
+@pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_2.5_mse"])
+@pytest.mark.parametrize("window", [None, 20])
+def test_mixed_batch_of_decode_and_chunks_over_cached_context(name, window, gen):
+    d = 64
+    codec, seq_lens, q_lens, cache, table, _, qsl, query, lens = _mixed_batch(name, gen, d)
     want = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5,
                            sliding_window=window)
     dev = lambda x: x.to(DEVICE)  # noqa: E731
@@ -86,13 +92,8 @@ def test_context_only_merged_with_exact_new_tokens(name, window, gen):
     from vllm_turboquant.codec import dense_attention
     from vllm_turboquant.kernels.paged_attention import merge_attention
 
-    d, kv_heads, gqa, scale = 64, 2, 4, 64 ** -0.5
-    codec = _codec(name, d, kv_heads, 16, gen)
-    seq_lens, q_lens = [33, 17, 40, 9], [1, 5, 40, 3]
-    cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
-    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
-    query = torch.randn(int(qsl[-1]), kv_heads * gqa, d, generator=gen)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    scale = 64 ** -0.5
+    codec, seq_lens, q_lens, cache, table, dense, qsl, query, lens = _mixed_batch(name, gen)
     on = lambda t: t.to(DEVICE)  # noqa: E731
     out_ctx, lse_ctx = varlen_attention(codec, on(query), on(cache), on(table), on(lens), on(qsl),
                                         scale, max(q_lens), sliding_window=window, num_splits=2,

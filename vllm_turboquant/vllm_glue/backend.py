@@ -8,8 +8,7 @@ over the packed pages (`vllm_turboquant.kernels`): decode, chunked prefill, pref
 speculative tokens, sliding windows. In multi-token steps the step's own new tokens attend to each
 other exactly with FlashAttention (as on a bf16 cache) and the two halves merge by log-sum-exp, so
 a long prompt chunk never decodes pages quadratically. On CPU everything runs the pure-PyTorch
-codec. Uniform decode batches are CUDA-graph safe (no host
-syncs): vLLM captures them whole.
+codec. Uniform decode batches are CUDA-graph safe (no host syncs): vLLM captures them whole.
 
 Newest tokens exact: every layer keeps fp16 copies of each running sequence's newest
 TURBOQUANT_EXACT_RECENT tokens (codec/recent.py), written with the pages and read instead of them
@@ -35,7 +34,6 @@ from ..codec.formats import FORMATS, SUPPORTED_HEAD_SIZES, is_turboquant_dtype
 from ..codec.layout import BLOCK_SIZE_MULTIPLE
 from . import options
 
-_LOG2E = 1.4426950408889634  # FlashAttention's natural log-sum-exp → the kernel's base 2
 
 class TurboQuantBackend(AttentionBackend):
     accept_output_buffer: bool = True
@@ -311,9 +309,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                                return_lse=ctx is not None)
         if new is None or ctx is None:
             return new
-        from ..kernels.paged_attention import merge_attention
+        from ..kernels.paged_attention import LOG2E, merge_attention
 
-        out, lse = new[0].float(), new[1].float().T * _LOG2E  # FA: natural log, [Hq, T]
+        out, lse = new[0].float(), new[1].float().T * LOG2E  # FA: natural log [Hq, T] → base 2
         rows = slice(0, ctx.num_step_tokens) if ctx.every_token else ctx.tokens
         ctx_out, ctx_lse = self._cached_attention(q[rows], kv_cache, m, ctx)
         out[rows] = merge_attention(ctx_out, ctx_lse, out[rows], lse[rows])
