@@ -97,19 +97,27 @@ def graphed(fn):
     return graph.replay
 
 
-def sweep() -> None:
-    for fmt in ("turboquant_3.5", "turboquant_3.5_mse"):
-        for block_n in (32, 64, 128):
-            for warps in (4, 8):
-                for programs in (264, 528, 1056):
-                    try:
-                        fn, nbytes = turboquant_case(fmt, 16, 32768, block_n=block_n,
-                                                     num_warps=warps, target_programs=programs)
-                        ms = triton.testing.do_bench(graphed(fn))
-                        print(f"{fmt} BLOCK_N={block_n} warps={warps} programs={programs}: "
-                              f"{ms * 1e3:.0f} us, {nbytes / ms / 1e6:.0f} GB/s", flush=True)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"{fmt} {block_n} {warps} {programs}: {type(e).__name__} {e}"[:200])
+def sweep(formats: list[str]) -> None:
+    """BLOCK_N x num_warps x num_stages x programs (one cached token per thread: BLOCK_N = 32 ·
+    num_warps, or two) at three loads."""
+    shapes = ((32, 1), (64, 2), (128, 4), (64, 1), (128, 2))
+    loads = ((16, 32768), (64, 4096), (1, 32768))
+    for fmt in formats:
+        for block_n, warps in shapes:
+            for stages in (2, 3):
+                for programs in (1056, 2112):
+                    row = []
+                    for batch, ctx in loads:
+                        try:
+                            fn, nbytes = turboquant_case(fmt, batch, ctx, block_n=block_n,
+                                                         num_warps=warps, num_stages=stages,
+                                                         target_programs=programs)
+                            ms = triton.testing.do_bench(graphed(fn))
+                            row.append(f"{batch}x{ctx} {ms * 1e3:.0f} us")
+                        except Exception as e:  # noqa: BLE001
+                            row.append(f"{batch}x{ctx} {type(e).__name__}")
+                    print(f"{fmt} BLOCK_N={block_n} warps={warps} stages={stages} "
+                          f"programs={programs}: " + ", ".join(row), flush=True)
 
 
 def main() -> None:
@@ -121,10 +129,10 @@ def main() -> None:
                     help="also time each format with this many exact newest tokens (0: don't)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true",
-                    help="time BLOCK_N x num_warps x programs at batch 16 x 32k and exit")
+                    help="time BLOCK_N x num_warps x num_stages x programs and exit")
     args = ap.parse_args()
     if args.sweep:
-        return sweep()
+        return sweep(args.formats.split(","))
     # The device machine gets a working tree without .git: pass TQ_COMMIT there.
     commit = os.environ.get("TQ_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"

@@ -20,11 +20,23 @@ from . import next_pow2, tq_attention, tq_merge
 from .lut_unpack import lut_tables, word_order
 
 LOG2E = 1.4426950408889634
-# Tuned on an H100 at 16 sequences x 32k (bench/kernel_decode.py --sweep): decode tiles of 128
-# cached tokens, ~8 programs per SM; multi-token tiles (64 query rows) use 64 to bound registers.
-_TARGET_PROGRAMS = 1056
+# Decode tiles (one query token) at head_dim <= 128: one warp per program, 64 cached tokens per
+# tile (two per thread: Triton then stores the decoded tile to shared memory 16 bytes at a time
+# instead of one value at a time), 2 pipeline stages, ~16 programs per SM. H100, 3.5_mse,
+# `bench/kernel_decode.py --sweep` (2026-11-23): 16 x 32k 594 us, 64 x 4k 332 us, vs 832 / 441 for
+# the former 128 tokens x 4 warps x 3 stages x 1056 programs. head_dim 256 keeps the former shape
+# (two tokens of 256 channels per thread spill). Multi-token tiles (64 query rows) use 64 tokens
+# and 4 warps to bound registers.
+_TARGET_PROGRAMS = 2112
 _NO_WINDOW = 1 << 30
-DECODE_BLOCK_N, PREFILL_BLOCK_N = 128, 64
+PREFILL_BLOCK_N = 64
+
+
+def decode_tile_shape(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of single-token query tiles."""
+    return (64, 1, 2) if head_dim <= 128 else (128, 4, 3)
+
+
 _TAIL_BLOCK_N = 64  # the exact-copies launch covers ~64 positions per sequence
 _MERGE_BLOCK_S = 16  # splits per merge step
 
@@ -120,8 +132,8 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
                      block_table: torch.Tensor, seq_lens: torch.Tensor,
                      query_start_loc: torch.Tensor, scale: float, max_query_len: int,
                      sliding_window: int | None = None, num_splits: int | None = None,
-                     block_n: int | None = None, num_warps: int = 4,
-                     target_programs: int = _TARGET_PROGRAMS,
+                     block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None, target_programs: int = _TARGET_PROGRAMS,
                      recent: RecentTokens | None = None, context_only: bool = False,
                      return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequence i owns queries query[qsl[i]:qsl[i+1]] ([T, Hq, d]), the last positions of its
@@ -142,7 +154,9 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     g_p2 = next_pow2(c.group)
     block_q = 1 if max_query_len == 1 else max(1, 64 // g_p2)
     block_m = max(16, block_q * g_p2)
-    block_n = block_n or (DECODE_BLOCK_N if block_q == 1 else PREFILL_BLOCK_N)
+    shape = decode_tile_shape(d) if block_q == 1 else (PREFILL_BLOCK_N, 4, None)
+    block_n, num_warps, num_stages = (a if a is not None else b for a, b in
+                                      zip((block_n, num_warps, num_stages), shape))
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query.device)
     torch.cumsum((q_lens + block_q - 1) // block_q, 0, out=tiles[1:])
@@ -180,6 +194,8 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         OFF_VCO=off["v.codes_o"], OFF_VCR=off["v.codes_r"], OFF_VGO=off["v.gamma_o"],
         OFF_VGR=off["v.gamma_r"], num_warps=num_warps,
     )
+    if num_stages is not None:  # else Triton's default
+        meta["num_stages"] = num_stages
     kernel = tq_attention.tq_attention_kernel
     kernel[(max_tiles, lay.num_kv_heads, num_splits)](*args, BLOCK_N=block_n, TAIL=False, **meta)
     if recent is not None:
