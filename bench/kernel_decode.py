@@ -98,14 +98,18 @@ def graphed(fn):
 
 
 def sweep(formats: list[str]) -> None:
-    """BLOCK_N x num_warps x num_stages x programs (one cached token per thread: BLOCK_N = 32 ·
-    num_warps, or two) at three loads."""
-    shapes = ((32, 1), (64, 2), (128, 4), (64, 1), (128, 2))
+    """BLOCK_N x num_warps x num_stages x programs x channel chunks (one or two cached tokens per
+    thread: BLOCK_N = 32 · num_warps or twice that) at three loads."""
+    from vllm_turboquant.kernels import paged_attention
+
+    default_chunks = paged_attention.channel_chunks
+    shapes = ((64, 1, 2), (128, 2, 2), (32, 1, 2), (128, 4, 3))
     loads = ((16, 32768), (64, 4096), (1, 32768))
     for fmt in formats:
-        for block_n, warps in shapes:
-            for stages in (2, 3):
-                for programs in (1056, 2112):
+        for chunks in (1, 2):
+            paged_attention.channel_chunks = lambda d, c=chunks: c  # read when constants are built
+            for block_n, warps, stages in shapes:
+                for programs in (2112, 4224):
                     row = []
                     for batch, ctx in loads:
                         try:
@@ -116,8 +120,9 @@ def sweep(formats: list[str]) -> None:
                             row.append(f"{batch}x{ctx} {ms * 1e3:.0f} us")
                         except Exception as e:  # noqa: BLE001
                             row.append(f"{batch}x{ctx} {type(e).__name__}")
-                    print(f"{fmt} BLOCK_N={block_n} warps={warps} stages={stages} "
+                    print(f"{fmt} chunks={chunks} BLOCK_N={block_n} warps={warps} stages={stages} "
                           f"programs={programs}: " + ", ".join(row), flush=True)
+    paged_attention.channel_chunks = default_chunks
 
 
 def main() -> None:

@@ -22,12 +22,13 @@ from .lut_unpack import lut_tables, word_order
 LOG2E = 1.4426950408889634
 # Decode tiles (one query token) at head_dim <= 128: one warp per program, 64 cached tokens per
 # tile (two per thread: Triton then stores the decoded tile to shared memory 16 bytes at a time
-# instead of one value at a time), 2 pipeline stages, ~16 programs per SM. H100, 3.5_mse,
-# `bench/kernel_decode.py --sweep` (2026-11-23): 16 x 32k 594 us, 64 x 4k 332 us, vs 832 / 441 for
-# the former 128 tokens x 4 warps x 3 stages x 1056 programs. head_dim 256 keeps the former shape
+# instead of one value at a time), 2 pipeline stages, ~32 programs per SM, K and V decoded in two
+# channel halves (channel_chunks). H100, `bench/kernel_decode.py --sweep` (2026-11-23), 16 x 32k /
+# 64 x 4k: 3.5_mse 566 / 321 us, 3.5 757 / 407 us, vs 832 / 441 and 1024 / 536 for the former
+# 128 tokens x 4 warps x 3 stages x 1056 programs, one chunk. head_dim 256 keeps the former shape
 # (two tokens of 256 channels per thread spill). Multi-token tiles (64 query rows) use 64 tokens
 # and 4 warps to bound registers.
-_TARGET_PROGRAMS = 2112
+_DECODE_PROGRAMS, _PREFILL_PROGRAMS = 4224, 1056
 _NO_WINDOW = 1 << 30
 PREFILL_BLOCK_N = 64
 
@@ -66,7 +67,8 @@ class AttentionConstants:
         f32 = dict(dtype=torch.float32, device=dev)
         # The kernel sees channels in tile order: fold that permutation into the rotations (rows
         # of the block-diagonal [outliers, regular] rotation, for queries and for value outputs).
-        perm = tile_order(self.n_o + self.n_r, self.unit)
+        d = self.n_o + self.n_r
+        perm = tile_order(d, self.unit, channel_chunks(d))
         groups = [(kc.outlier, kc.fmt.outlier_bits), (kc.regular, kc.fmt.regular_bits),
                   (vc.outlier, vc.fmt.outlier_bits), (vc.regular, vc.fmt.regular_bits)]
         signs = torch.tensor([-1.0, 1.0])
@@ -112,12 +114,21 @@ def _back_rotations(r_v: torch.Tensor, value_perm: torch.Tensor) -> torch.Tensor
     return torch.stack([r_v[:, inv] for inv in inverse])
 
 
-def tile_order(head_dim: int, unit: int) -> torch.Tensor:
-    """Channel at each position P = q·(d/unit) + w of a decoded K/V tile (tq_attention.py): word w's
-    position q (lut_unpack.word_order). Outlier channels come first, as in the codec."""
-    words = head_dim // unit
+def channel_chunks(head_dim: int) -> int:
+    """Channel chunks the kernel decodes K and V in (one tl.dot each): two halves from head_dim
+    128 on, which halves the registers a decoded tile takes."""
+    return 2 if head_dim >= 128 else 1
+
+
+def tile_order(head_dim: int, unit: int, chunks: int = 1) -> torch.Tensor:
+    """Channel at each position c·dc + q·(dc/unit) + w of a decoded K/V tile (tq_attention.py,
+    dc = head_dim / chunks channels per chunk c): word c·dc/unit + w's position q
+    (lut_unpack.word_order). Outlier channels come first, as in the codec."""
+    dc = head_dim // chunks
+    words = dc // unit
     p = torch.arange(head_dim)
-    return (p % words) * unit + word_order(unit)[p // words]
+    c, p = p // dc, p % dc
+    return (c * words + p % words) * unit + word_order(unit)[p // words]
 
 
 def _rotate_queries(c: AttentionConstants, query: torch.Tensor):
@@ -133,7 +144,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
                      query_start_loc: torch.Tensor, scale: float, max_query_len: int,
                      sliding_window: int | None = None, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, target_programs: int = _TARGET_PROGRAMS,
+                     num_stages: int | None = None, target_programs: int | None = None,
                      recent: RecentTokens | None = None, context_only: bool = False,
                      return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequence i owns queries query[qsl[i]:qsl[i+1]] ([T, Hq, d]), the last positions of its
@@ -154,9 +165,11 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     g_p2 = next_pow2(c.group)
     block_q = 1 if max_query_len == 1 else max(1, 64 // g_p2)
     block_m = max(16, block_q * g_p2)
-    shape = decode_tile_shape(d) if block_q == 1 else (PREFILL_BLOCK_N, 4, None)
-    block_n, num_warps, num_stages = (a if a is not None else b for a, b in
-                                      zip((block_n, num_warps, num_stages), shape))
+    shape = (*decode_tile_shape(d), _DECODE_PROGRAMS) if block_q == 1 else \
+        (PREFILL_BLOCK_N, 4, None, _PREFILL_PROGRAMS)
+    block_n, num_warps, num_stages, target_programs = (
+        a if a is not None else b
+        for a, b in zip((block_n, num_warps, num_stages, target_programs), shape))
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query.device)
     torch.cumsum((q_lens + block_q - 1) // block_q, 0, out=tiles[1:])
@@ -184,6 +197,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
             recent.rows if recent is not None else 0, recent.window if recent is not None else 1)
     meta = dict(
         HQ=hq, HKV=lay.num_kv_heads, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m, D=d,
+        DC=d // channel_chunks(d),
         N_O=c.n_o, U=c.unit, BS=lay.block_size,
         KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits,
         VBO=vc.fmt.outlier_bits, VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,

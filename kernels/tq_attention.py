@@ -7,9 +7,10 @@ run the same loop. Each row has its own causal length (and sliding-window start)
 
 Per tile of BLOCK_N cached tokens (spanning BLOCK_N / BS pages, gathered through the block table):
 bit planes are loaded as 32-bit words (16-bit at head_dim 64) and decoded in registers to fp16
-centroids by byte-permute look-ups (lut_unpack.py); the d/U words of K (and of V) are stacked into
-one [BLOCK_N, d] tile whose channel order ("tile order", paged_attention.tile_order) queries and
-value outputs are given in. Per-token norms scale the scores (keys) and the probabilities (values)
+centroids by byte-permute look-ups (lut_unpack.py); the words of K (and of V) are stacked into
+[BLOCK_N, DC] tiles, one per channel chunk of DC = d or d/2 channels (one tl.dot each; halves
+keep the registers down), whose channel order ("tile order", paged_attention.tile_order) queries
+and value outputs are given in. Per-token norms scale the scores (keys) and the probabilities (values)
 rather than every element; the outlier words carry γ_o/γ_r, so one tl.dot covers both channel
 groups. The QJL term is a tl.dot of S·q with the ±1 sign tile. Softmax is online (base 2); values
 accumulate in their rotated domain. Each split writes (max, sum, unnormalised accumulator);
@@ -76,10 +77,11 @@ def _online_softmax(s, visible, m_i, l_i, scale_log2e):
 
 
 @triton.jit
-def _tile_channels(D: tl.constexpr, U: tl.constexpr):
-    """Channel of each tile position P = q·(D/U) + w: word w's position q (lut_unpack order)."""
-    P = tl.arange(0, D)
-    return (P % (D // U)) * U + word_channel(P // (D // U), U)
+def _chunk_channels(c: tl.constexpr, DC: tl.constexpr, U: tl.constexpr):
+    """Channel of each position P = q·(DC/U) + w of channel chunk c: word c·DC/U + w's position q
+    (lut_unpack order)."""
+    P = tl.arange(0, DC)
+    return (c * (DC // U) + P % (DC // U)) * U + word_channel(P // (DC // U), U)
 
 
 @triton.jit
@@ -106,28 +108,42 @@ def _words(head_base, slot, tok_mask, rho, CB_O, TAB_O, CB_R, TAB_R, w0: tl.cons
 
 
 @triton.jit
-def _vectors(head_base, slot, tok_mask, CB, TAB, OFF_O: tl.constexpr, OFF_R: tl.constexpr,
-             OFF_GO: tl.constexpr, OFF_GR: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr,
-             BITS_O: tl.constexpr, BITS_R: tl.constexpr, U: tl.constexpr, USE_ASM: tl.constexpr):
-    """K or V of BLOCK_N tokens as one fp16 tile [BLOCK_N, D] in tile order, up to a per-token
-    scale (returned, fp32 [BLOCK_N]): scale · tile = γ_o·outliers ⊕ γ_r·regular (up to fp16
-    rounding of the outlier factor). The scale is γ_r
-    (γ_o/1024 if that is larger) and the outlier words carry γ_o/scale ≤ 1024, so one tl.dot covers
-    both groups (a key whose regular part is below 1/1024 of its outliers' gains ≤ 0.1% error)."""
+def _scales(head_base, slot, tok_mask, OFF_GO: tl.constexpr, OFF_GR: tl.constexpr):
+    """Per-token (scale, rho) of K or V tiles (fp32, fp16 [BLOCK_N]): scale · tile = γ_o·outliers
+    ⊕ γ_r·regular (up to fp16 rounding of the outlier factor). The scale is γ_r (γ_o/1024 if that
+    is larger) and the outlier words carry rho = γ_o/scale ≤ 1024, so one tl.dot covers both
+    groups (a key whose regular part is below 1/1024 of its outliers' gains ≤ 0.1% error)."""
     g_o = _norm16(head_base, slot, tok_mask, OFF_GO).to(tl.float32)
     g_r = _norm16(head_base, slot, tok_mask, OFF_GR).to(tl.float32)
     scale = tl.maximum(g_r, g_o * (1.0 / 1024))
-    rho = (g_o / tl.maximum(scale, 1e-30)).to(tl.float16)  # 0 for an all-zero vector
-    x = _words(head_base, slot, tok_mask, rho, CB, TAB, CB + 16, TAB + 4, 0, 1, OFF_O, OFF_R,
-               N_O, D - N_O, BITS_O, BITS_R, D // U, U, USE_ASM)
-    return tl.reshape(x, [slot.shape[0], D]), scale
+    return scale, (g_o / tl.maximum(scale, 1e-30)).to(tl.float16)  # rho 0 for a zero vector
 
 
 @triton.jit
-def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc, q, sq,
+def _chunk(head_base, slot, tok_mask, rho, CB, TAB, c: tl.constexpr, OFF_O: tl.constexpr,
+           OFF_R: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, N_O: tl.constexpr,
+           BITS_O: tl.constexpr, BITS_R: tl.constexpr, U: tl.constexpr, USE_ASM: tl.constexpr):
+    """Channel chunk c (DC channels: words c·DC/U ...) of K or V of BLOCK_N tokens as one fp16
+    tile [BLOCK_N, DC] in tile order, up to the per-token scale (_scales)."""
+    x = _words(head_base, slot, tok_mask, rho, CB, TAB, CB + 16, TAB + 4, c * (DC // U), 1, OFF_O,
+               OFF_R, N_O, D - N_O, BITS_O, BITS_R, DC // U, U, USE_ASM)
+    return tl.reshape(x, [slot.shape[0], DC])
+
+
+@triton.jit
+def _sign_chunk(head_base, slot, tok_mask, CB, TAB, c: tl.constexpr, OFF_KS: tl.constexpr,
+                D: tl.constexpr, DC: tl.constexpr, U: tl.constexpr, USE_ASM: tl.constexpr):
+    """Chunk c of the QJL ±1 sign tile [BLOCK_N, DC] (1-bit regular words, no outliers)."""
+    x = _words(head_base, slot, tok_mask, slot, CB, TAB, CB + 64, TAB + 16, c * (DC // U), 1, 0,
+               OFF_KS, 0, D, 1, 1, DC // U, U, USE_ASM)
+    return tl.reshape(x, [slot.shape[0], DC])
+
+
+@triton.jit
+def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0, q1, sq0, sq1,
           CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
           scale_log2e, stride_bt, page_bytes, head_stride, st_window,
-          HKV: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, U: tl.constexpr,
+          HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, N_O: tl.constexpr, U: tl.constexpr,
           BS: tl.constexpr, BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
           VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr, RECENT: tl.constexpr,
           EXACT: tl.constexpr, USE_ASM: tl.constexpr,
@@ -138,6 +154,8 @@ def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc, q, sq,
     """One tile of BLOCK_N cached tokens into the online softmax. RECENT (the sequence's newest
     tiles): a pass over the compressed tokens that have no exact copy (EXACT=False), or over the
     exact copies alone (EXACT=True). Two light passes keep the hot loop's registers unspilled.
+    Channels come in D / DC chunks (1 or 2): queries q0, q1 and accumulators acc0, acc1 (the second
+    unused with one chunk); decoding one chunk at a time halves the tile's registers.
     CB / TAB: fp16 codebooks / look-up tables of K outliers, K regular, V outliers, V regular and
     the QJL signs (rows of 16 / 4)."""
     pos = start + tl.arange(0, BLOCK_N)
@@ -156,29 +174,45 @@ def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc, q, sq,
         else:
             visible = visible & (ex == 0)[None, :]
 
+    TWO: tl.constexpr = DC < D
     if EXACT:
-        cols = _tile_channels(D, U)
-        k = _staged(ST_K, ent, ex, cols, D)
-        s = tl.dot(q, tl.trans(k))
+        c0 = _chunk_channels(0, DC, U)
+        s = tl.dot(q0, tl.trans(_staged(ST_K, ent, ex, c0, D)))
+        if TWO:
+            c1 = _chunk_channels(1, DC, U)
+            s += tl.dot(q1, tl.trans(_staged(ST_K, ent, ex, c1, D)))
         p, alpha, m_i, l_i = _online_softmax(s, visible, m_i, l_i, scale_log2e)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), _staged(ST_V, ent, ex, cols, D))
+        p = p.to(tl.float16)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p, _staged(ST_V, ent, ex, c0, D))
+        if TWO:
+            acc1 = acc1 * alpha[:, None] + tl.dot(p, _staged(ST_V, ent, ex, c1, D))
     else:
-        k, k_scale = _vectors(head_base, slot, tok_mask, CB, TAB, OFF_KCO, OFF_KCR, OFF_KGO,
-                              OFF_KGR, D, N_O, KBO, KBR, U, USE_ASM)
-        s = tl.dot(q, tl.trans(k)) * k_scale[None, :]
+        k_scale, k_rho = _scales(head_base, slot, tok_mask, OFF_KGO, OFF_KGR)
+        s = tl.dot(q0, tl.trans(_chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 0, OFF_KCO,
+                                       OFF_KCR, D, DC, N_O, KBO, KBR, U, USE_ASM)))
+        if TWO:
+            s += tl.dot(q1, tl.trans(_chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 1, OFF_KCO,
+                                            OFF_KCR, D, DC, N_O, KBO, KBR, U, USE_ASM)))
+        s = s * k_scale[None, :]
         if HAS_QJL:
-            # every sign word is a "regular" 1-bit word: no outlier words, rho unused
-            signs = _words(head_base, slot, tok_mask, k_scale, CB, TAB, CB + 64, TAB + 16, 0, 1,
-                           0, OFF_KS, 0, D, 1, 1, D // U, U, USE_ASM)
-            signs = tl.reshape(signs, [BLOCK_N, D])
+            t = tl.dot(sq0, tl.trans(_sign_chunk(head_base, slot, tok_mask, CB, TAB, 0, OFF_KS, D,
+                                                 DC, U, USE_ASM)))
+            if TWO:
+                t += tl.dot(sq1, tl.trans(_sign_chunk(head_base, slot, tok_mask, CB, TAB, 1,
+                                                      OFF_KS, D, DC, U, USE_ASM)))
             rnorm = _norm16(head_base, slot, tok_mask, OFF_KRN).to(tl.float32)
-            s += tl.dot(sq, tl.trans(signs)) * rnorm[None, :]
+            s += t * rnorm[None, :]
         p, alpha, m_i, l_i = _online_softmax(s, visible, m_i, l_i, scale_log2e)
-        v, v_scale = _vectors(head_base, slot, tok_mask, CB + 32, TAB + 8, OFF_VCO, OFF_VCR,
-                              OFF_VGO, OFF_VGR, D, N_O, VBO, VBR, U, USE_ASM)
+        v_scale, v_rho = _scales(head_base, slot, tok_mask, OFF_VGO, OFF_VGR)
         p_v = (p * v_scale[None, :]).to(tl.float16)
-        acc = acc * alpha[:, None] + tl.dot(p_v, v)
-    return m_i, l_i, acc
+        acc0 = acc0 * alpha[:, None] + tl.dot(p_v, _chunk(
+            head_base, slot, tok_mask, v_rho, CB + 32, TAB + 8, 0, OFF_VCO, OFF_VCR, D, DC, N_O,
+            VBO, VBR, U, USE_ASM))
+        if TWO:
+            acc1 = acc1 * alpha[:, None] + tl.dot(p_v, _chunk(
+                head_base, slot, tok_mask, v_rho, CB + 32, TAB + 8, 1, OFF_VCO, OFF_VCR, D, DC,
+                N_O, VBO, VBR, U, USE_ASM))
+    return m_i, l_i, acc0, acc1
 
 
 # Runtime sizes must not specialise the kernel: a new batch size mid-serving would recompile.
@@ -190,7 +224,8 @@ def tq_attention_kernel(
     scale_log2e, stride_bt, page_bytes, head_stride, tokens_per_split, part_stride, num_seqs, window,
     st_rows, st_window,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+    N_O: tl.constexpr,
     U: tl.constexpr, BS: tl.constexpr,
     BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
     VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr, HAS_RECENT: tl.constexpr,
@@ -221,18 +256,25 @@ def tq_attention_kernel(
     if CONTEXT_ONLY:  # the step's own tokens are attended elsewhere (exact, FlashAttention)
         row_len = tl.minimum(row_len, seq_len - (q_end - q_start))
 
-    # Queries (and S·q) in tile order: the launcher permuted them like the decoded tiles.
-    cd = tl.arange(0, D)
-    q = tl.load(Q + row[:, None] * D + cd[None, :], mask=row_ok[:, None], other=0.0)
-    q = q.to(tl.float16)
-    sq = q  # unused without QJL keys
+    # Queries (and S·q) in tile order, one tensor per channel chunk: the launcher permuted them
+    # like the decoded tiles. With one chunk the second ones are unused aliases.
+    cd = tl.arange(0, DC)
+    q_ptr = row[:, None] * D + cd[None, :]
+    q0 = tl.load(Q + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float16)
+    q1 = q0
+    if DC < D:
+        q1 = tl.load(Q + DC + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float16)
+    sq0 = q0
+    sq1 = q1
     if HAS_QJL:
-        sq = tl.load(SQ + row[:, None] * D + cd[None, :], mask=row_ok[:, None], other=0.0)
-        sq = sq.to(tl.float16)
+        sq0 = tl.load(SQ + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float16)
+        if DC < D:
+            sq1 = tl.load(SQ + DC + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, DC], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, DC], dtype=tl.float32)
 
     # With exact copies (HAS_RECENT), a sequence's newest st_window positions (batch rows <
     # st_rows) are left to a second, TAIL launch of this kernel, which writes one more split.
@@ -252,24 +294,26 @@ def tq_attention_kernel(
     if TAIL:
         for start in tl.range(first, hi, BLOCK_N):
             for exact in tl.static_range(2):  # tokens without an exact copy, then the copies
-                m_i, l_i, acc = _tile(
-                    start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc, q, sq,
-                    CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
+                m_i, l_i, acc0, acc1 = _tile(
+                    start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0, q1,
+                    sq0, sq1, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
                     scale_log2e, stride_bt, page_bytes, head_stride, st_window,
-                    HKV, D, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL,
+                    HKV, D, DC, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL,
                     True, exact == 1, USE_ASM, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR,
                     OFF_KRN, OFF_VCO, OFF_VCR, OFF_VGO, OFF_VGR)
     else:
         for start in tl.range(first, hi, BLOCK_N):
-            m_i, l_i, acc = _tile(
-                start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc, q, sq,
-                CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
+            m_i, l_i, acc0, acc1 = _tile(
+                start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0, q1,
+                sq0, sq1, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
                 scale_log2e, stride_bt, page_bytes, head_stride, st_window,
-                HKV, D, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL, False,
+                HKV, D, DC, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL, False,
                 False, USE_ASM, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN, OFF_VCO,
                 OFF_VCR, OFF_VGO, OFF_VGR)
 
     part = row * part_stride + split
     tl.store(PART_M + part, m_i, mask=row_ok)
     tl.store(PART_L + part, l_i, mask=row_ok)
-    tl.store(PART_O + part[:, None] * D + cd[None, :], acc, mask=row_ok[:, None])
+    tl.store(PART_O + part[:, None] * D + cd[None, :], acc0, mask=row_ok[:, None])
+    if DC < D:
+        tl.store(PART_O + DC + part[:, None] * D + cd[None, :], acc1, mask=row_ok[:, None])
