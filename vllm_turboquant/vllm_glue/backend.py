@@ -90,13 +90,19 @@ class TurboQuantBackend(AttentionBackend):
 
 @dataclass
 class ContextQueries:
-    """A multi-token step's query tokens that have cached context to read (not fresh prompts),
-    chosen on the host when the step's metadata is built (CUDA only)."""
+    """One group of a multi-token step's query tokens that have cached context to read (not
+    fresh prompts), chosen on the host when the step's metadata is built (CUDA only). A step has
+    up to two groups: single-token rows (decodes), which the kernel runs with decode tiles and
+    split-K, and multi-token rows (chunks, prefix hits, speculative tokens), with query tiles."""
     tokens: torch.Tensor           # [n] their indices in the step's queries (device)
     query_start_loc: torch.Tensor  # [num_reqs + 1] (device): fresh prompts keep no queries
     max_query_len: int
     num_step_tokens: int           # all (unpadded) query tokens of the step
     every_token: bool              # tokens == arange(num_step_tokens): skip the gather
+
+    @property
+    def rows(self) -> torch.Tensor | slice:
+        return slice(0, self.num_step_tokens) if self.every_token else self.tokens
 
 
 @dataclass
@@ -112,7 +118,7 @@ class TurboQuantMetadata:
     block_table: torch.Tensor          # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor         # [num_tokens]
     causal: bool = True
-    context: ContextQueries | None = None       # CUDA multi-token steps; None: all fresh
+    context: tuple[ContextQueries, ...] = ()    # CUDA multi-token steps; (): all fresh
     recent_entries: torch.Tensor | None = None  # [num_tokens], filled by the step's first write
 
 
@@ -166,7 +172,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             slot_mapping=cam.slot_mapping,
             causal=bool(cam.causal) if not isinstance(cam.causal, torch.Tensor) else True,
             context=(_context_queries(qsl[: num_reqs + 1], seq_lens, self.device)
-                     if on_gpu and seq_lens is not None else None),
+                     if on_gpu and seq_lens is not None else ()),
         )
 
 
@@ -304,17 +310,17 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         K/V just computed (as a bf16 cache would; with exact newest tokens on, the values the
         pages' exact copies hold), and to the context cached before the step through the
         compressed pages; the halves merge by log-sum-exp. None: no FlashAttention here."""
-        ctx = m.context
         new = _flash_attention(q, k, v, m, self.scale, self.sliding_window,
-                               return_lse=ctx is not None)
-        if new is None or ctx is None:
+                               return_lse=bool(m.context))
+        if new is None or not m.context:
             return new
         from ..kernels.paged_attention import LOG2E, merge_attention
 
         out, lse = new[0].float(), new[1].float().T * LOG2E  # FA: natural log [Hq, T] → base 2
-        rows = slice(0, ctx.num_step_tokens) if ctx.every_token else ctx.tokens
-        ctx_out, ctx_lse = self._cached_attention(q[rows], kv_cache, m, ctx)
-        out[rows] = merge_attention(ctx_out, ctx_lse, out[rows], lse[rows])
+        for ctx in m.context:
+            rows = ctx.rows
+            ctx_out, ctx_lse = self._cached_attention(q[rows], kv_cache, m, ctx)
+            out[rows] = merge_attention(ctx_out, ctx_lse, out[rows], lse[rows])
         return out
 
     def _cached_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, m: TurboQuantMetadata,
@@ -365,21 +371,29 @@ def _recent_tokens(num_kv_heads: int, head_size: int) -> RecentTokens | None:
 
 
 def _context_queries(qsl: torch.Tensor, seq_lens: torch.Tensor,
-                     device: torch.device) -> ContextQueries | None:
-    """Host-side selection of the query tokens that read cached context (None: every sequence
-    is a fresh prompt). Copied to the device through pinned memory: no sync."""
+                     device: torch.device) -> tuple[ContextQueries, ...]:
+    """Host-side selection of the query tokens that read cached context, as a group of
+    single-token rows and a group of multi-token rows (either may be absent; none: every sequence
+    is a fresh prompt). A decode mixed into a step with a long chunk would otherwise run with the
+    chunk's query tiles and without split-K. Copied to the device through pinned memory: no
+    sync."""
     q_lens = qsl[1:] - qsl[:-1]
     has_ctx = seq_lens > q_lens
-    if not bool(has_ctx.any()):
-        return None
-    kept = torch.where(has_ctx, q_lens, torch.zeros_like(q_lens))
-    sub_qsl = torch.zeros(qsl.shape[0], dtype=torch.int32)
-    torch.cumsum(kept, 0, out=sub_qsl[1:])
-    tokens = torch.repeat_interleave(has_ctx, q_lens.long()).nonzero().squeeze(1)
-    to_dev = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
-    return ContextQueries(tokens=to_dev(tokens), query_start_loc=to_dev(sub_qsl),
-                          max_query_len=int(kept.max()), num_step_tokens=int(qsl[-1]),
-                          every_token=bool(has_ctx.all()))
+    def to_dev(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+    groups = []
+    for sel in (has_ctx & (q_lens == 1), has_ctx & (q_lens > 1)):
+        if not bool(sel.any()):
+            continue
+        kept = torch.where(sel, q_lens, torch.zeros_like(q_lens))
+        sub_qsl = torch.zeros(qsl.shape[0], dtype=torch.int32)
+        torch.cumsum(kept, 0, out=sub_qsl[1:])
+        tokens = torch.repeat_interleave(sel, q_lens.long()).nonzero().squeeze(1)
+        groups.append(ContextQueries(tokens=to_dev(tokens), query_start_loc=to_dev(sub_qsl),
+                                     max_query_len=int(kept.max()), num_step_tokens=int(qsl[-1]),
+                                     every_token=bool(sel.all())))
+    return tuple(groups)
 
 
 def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: TurboQuantMetadata,
