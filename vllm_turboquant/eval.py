@@ -12,6 +12,9 @@ fatal) it measures, with vLLM's LLM():
   KL(reference ‖ dtype) over the reference's top-20 tokens (vLLM returns no full distribution);
 - needle in a haystack: a random 7-digit code at depths 0-100% of real text, asked for at the end,
   greedy generation through the compressed cache, exact-match accuracy per (length, depth);
+- perplexity through lm-eval 0.4.13 (config "lm_eval": its vllm backend on a local
+  loglikelihood_rolling task over pieces of the same text, same chunked prefill;
+  quality/lm_eval_ppl.py): word perplexity and bits per byte;
 - bytes per token per KV head (K and V).
 Writes `<out>/<model>.md` (tables), `<out>/<model>.json` and `<out>/<model>.png` (quality vs bytes).
 """
@@ -47,6 +50,7 @@ class DtypeResult:
     top1: float | None = None
     positions: int = 0
     needle: dict[str, float] = field(default_factory=dict)  # "length@depth" -> accuracy
+    lm_eval: dict[str, float] = field(default_factory=dict)  # word_perplexity, bits_per_byte, ...
     error: str | None = None
     seconds: float = 0.0
 
@@ -172,6 +176,17 @@ def evaluate(cfg: dict, log=print, on_result=None) -> tuple[list[DtypeResult], d
     lengths = [n for n in needle.get("lengths", []) if n + 16 <= cfg["max_model_len"]]
     prompts = needle_prompts(tok, lengths, needle.get("depths", []), needle.get("trials", 0))
     device_args = dict(cfg.get("engine_args", {}))
+    lm_cfg = cfg.get("lm_eval") or {}
+    lm_docs = []
+    if lm_cfg.get("documents"):
+        from .quality import lm_eval_ppl
+
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError as e:
+            raise SystemExit("the config's lm_eval section needs lm-eval: pip install "
+                             "lm-eval==0.4.13 (not lm-eval[vllm]), or pass --lm-eval-docs 0") from e
+        lm_docs = lm_eval_ppl.text_pieces(lm_cfg["documents"], lm_cfg.get("words", 400))
     device_args["enforce_eager"] = cfg.get("enforce_eager", True)
     dtypes = cfg["dtypes"]
     if dtypes[0] != "auto":
@@ -181,7 +196,8 @@ def evaluate(cfg: dict, log=print, on_result=None) -> tuple[list[DtypeResult], d
         r = DtypeResult(dtype, bytes_per_token_head(dtype, head_dim))
         t0 = time.time()
         log(f"[{i + 1}/{len(dtypes)}] {dtype}: quality over {n_windows} x {window} tokens "
-            f"(chunks of {cfg['chunk']}), {len(prompts)} needle prompts ...")
+            f"(chunks of {cfg['chunk']}), {len(prompts)} needle prompts, "
+            f"{len(lm_docs)} lm-eval documents ...")
         try:
             with _engine(model, dtype, cfg["chunk"], cfg["max_model_len"], device_args) as llm:
                 runs = _quality_run(llm, windows)
@@ -189,6 +205,12 @@ def evaluate(cfg: dict, log=print, on_result=None) -> tuple[list[DtypeResult], d
                 with _engine(model, dtype, cfg.get("needle_chunk", 2048), cfg["max_model_len"],
                              device_args) as llm:
                     r.needle = _needle_run(llm, prompts)
+            if lm_docs:
+                from .quality import lm_eval_ppl
+
+                r.lm_eval = lm_eval_ppl.perplexity(
+                    model, dtype, lm_docs, max_model_len=lm_cfg.get("max_model_len", 1024),
+                    chunk=cfg["chunk"], engine_args=device_args)
         except Exception as e:  # noqa: BLE001 - a dtype this platform cannot run is a result
             r.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             log(f"    {dtype} failed: {r.error}")
@@ -203,8 +225,9 @@ def evaluate(cfg: dict, log=print, on_result=None) -> tuple[list[DtypeResult], d
         r.kl_top20 = sum(a.kl_topk * a.positions for a in agree) / max(r.positions, 1)
         r.seconds = time.time() - t0
         needle_mean = sum(r.needle.values()) / len(r.needle) if r.needle else float("nan")
+        lm_word = r.lm_eval.get("word_perplexity", float("nan"))
         log(f"    ppl {r.ppl:.3f}  top-1 {r.top1:.3f}  KL {r.kl_top20:.4f}  "
-            f"needle {needle_mean:.2f}  ({r.seconds:.0f} s)")
+            f"needle {needle_mean:.2f}  lm-eval word ppl {lm_word:.3f}  ({r.seconds:.0f} s)")
         results.append(r)
         if on_result:
             on_result(results, _meta(cfg, head_dim, n_windows, window, lengths, needle))
@@ -212,10 +235,13 @@ def evaluate(cfg: dict, log=print, on_result=None) -> tuple[list[DtypeResult], d
 
 
 def _meta(cfg, head_dim, n_windows, window, lengths, needle) -> dict:
+    lm_cfg = cfg.get("lm_eval") or {}
     return dict(model=cfg["model"], head_dim=head_dim, windows=n_windows, window=window,
                 chunk=cfg["chunk"], needle_lengths=lengths, needle_depths=needle.get("depths", []),
                 needle_trials=needle.get("trials", 0), date=str(datetime.date.today()),
-                device=_device_name())
+                device=_device_name(), lm_eval_documents=lm_cfg.get("documents", 0),
+                lm_eval_words=lm_cfg.get("words", 400),
+                lm_eval_max_model_len=lm_cfg.get("max_model_len", 1024))
 
 
 def _device_name() -> str:
@@ -266,6 +292,20 @@ def markdown(results: list[DtypeResult], meta: dict, command: str) -> str:
                 lines.append(f"| {r.dtype} | " + " | ".join(
                     f"{_mean(v for c, v in r.needle.items() if c.startswith(f'{n}@')):.3f}"
                     for n in lengths) + " |")
+    lm_rows = [r for r in results if r.lm_eval]
+    if lm_rows:
+        lm_ref = next((r for r in lm_rows if r.dtype == "auto"), None)
+        lines += ["", f"lm-eval 0.4.13 (vllm backend, local loglikelihood_rolling task): "
+                  f"{meta['lm_eval_documents']} pieces of ~{meta['lm_eval_words']} words of the "
+                  f"same text, rolling windows of {meta['lm_eval_max_model_len']} tokens, prefill "
+                  f"in chunks of {meta['chunk']}:", "",
+                  "| kv_cache_dtype | word perplexity | vs auto | bits per byte | vs auto |",
+                  "|---|---|---|---|---|"]
+        for r in lm_rows:
+            w, b = r.lm_eval["word_perplexity"], r.lm_eval["bits_per_byte"]
+            rel_w = f"{100 * (w / lm_ref.lm_eval['word_perplexity'] - 1):+.1f}%" if lm_ref else ""
+            rel_b = f"{100 * (b / lm_ref.lm_eval['bits_per_byte'] - 1):+.2f}%" if lm_ref else ""
+            lines.append(f"| {r.dtype} | {w:.3f} | {rel_w} | {b:.4f} | {rel_b} |")
     return "\n".join(lines) + "\n"
 
 
@@ -315,6 +355,8 @@ def load_config(args: argparse.Namespace) -> dict:
         needle["depths"] = [float(x) / 100 for x in args.needle_depths.split(",") if x]
     if args.needle_trials is not None:
         needle["trials"] = args.needle_trials
+    if args.lm_eval_docs is not None:
+        cfg.setdefault("lm_eval", {})["documents"] = args.lm_eval_docs
     return cfg
 
 
@@ -330,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--needle-lengths", help="comma-separated prompt lengths ('' for none)")
     ap.add_argument("--needle-depths", help="comma-separated depths in percent")
     ap.add_argument("--needle-trials", type=int)
+    ap.add_argument("--lm-eval-docs", dest="lm_eval_docs", type=int,
+                    help="documents for the lm-eval perplexity (0: skip it; needs lm-eval==0.4.13)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "eval"))
     args = ap.parse_args(argv)
     cfg = load_config(args)
