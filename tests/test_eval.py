@@ -5,7 +5,7 @@ Bounds sit ~30-50% outside what this run measured on 2026-11-22 with the newest 
 (3.5_mse: PPL +1.6%, KL 0.030, top-1 0.90; 2.5_mse: +10.1%, 0.083, 0.84), so they catch
 regressions, not noise. (Before the exact newest tokens: 3.5_mse +9.8%, 0.077, 0.84.)
 lm-eval's word perplexity over 2 x 250 words (rolling 512-token windows, 64-token chunks) was
-+4.2% for 3.5_mse (bits per byte +1.0%) on 2026-11-23."""
++4.2% for 3.5_mse (bits per byte +1.0%) and +11.0% for 2.5_mse (+2.5%) on 2026-11-23."""
 import json
 from pathlib import Path
 
@@ -22,7 +22,7 @@ BOUNDS = {  # dtype: (max PPL increase vs auto, max mean KL (top-20), min top-1 
     "turboquant_3.5_mse": (0.04, 0.045, 0.86),
     "turboquant_2.5_mse": (0.15, 0.12, 0.79),
 }
-LM_EVAL_WORD_PPL = {"turboquant_3.5_mse": 0.10, "turboquant_2.5_mse": 0.40}  # max increase
+LM_EVAL_WORD_PPL = {"turboquant_3.5_mse": 0.07, "turboquant_2.5_mse": 0.18}  # max increase
 
 
 def test_reduced_eval_runs_and_no_format_regresses(tmp_path, report):
