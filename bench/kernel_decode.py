@@ -105,24 +105,28 @@ def sweep(formats: list[str]) -> None:
     default_chunks = paged_attention.channel_chunks
     shapes = ((64, 1, 2), (128, 2, 2), (32, 1, 2), (128, 4, 3))
     loads = ((16, 32768), (64, 4096), (1, 32768))
-    for fmt in formats:
-        for chunks in (1, 2):
-            paged_attention.channel_chunks = lambda d, c=chunks: c  # read when constants are built
-            for block_n, warps, stages in shapes:
-                for programs in (2112, 4224):
-                    row = []
-                    for batch, ctx in loads:
-                        try:
-                            fn, nbytes = turboquant_case(fmt, batch, ctx, block_n=block_n,
-                                                         num_warps=warps, num_stages=stages,
-                                                         target_programs=programs)
-                            ms = triton.testing.do_bench(graphed(fn))
-                            row.append(f"{batch}x{ctx} {ms * 1e3:.0f} us")
-                        except Exception as e:  # noqa: BLE001
-                            row.append(f"{batch}x{ctx} {type(e).__name__}")
-                    print(f"{fmt} chunks={chunks} BLOCK_N={block_n} warps={warps} stages={stages} "
-                          f"programs={programs}: " + ", ".join(row), flush=True)
-    paged_attention.channel_chunks = default_chunks
+    try:
+        for fmt in formats:
+            for chunks in (1, 2):
+                # read when a codec's constants are built
+                paged_attention.channel_chunks = lambda d, c=chunks: c
+                for block_n, warps, stages in shapes:
+                    for programs in (2112, 4224):
+                        row = []
+                        for batch, ctx in loads:
+                            try:
+                                fn, nbytes = turboquant_case(fmt, batch, ctx, block_n=block_n,
+                                                             num_warps=warps, num_stages=stages,
+                                                             target_programs=programs)
+                                ms = triton.testing.do_bench(graphed(fn))
+                                row.append(f"{batch}x{ctx} {ms * 1e3:.0f} us")
+                            except Exception as e:  # noqa: BLE001
+                                row.append(f"{batch}x{ctx} {type(e).__name__}")
+                        print(f"{fmt} chunks={chunks} BLOCK_N={block_n} warps={warps} "
+                              f"stages={stages} programs={programs}: " + ", ".join(row),
+                              flush=True)
+    finally:
+        paged_attention.channel_chunks = default_chunks
 
 
 def main() -> None:

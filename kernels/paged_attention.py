@@ -116,7 +116,8 @@ def _back_rotations(r_v: torch.Tensor, value_perm: torch.Tensor) -> torch.Tensor
 
 def channel_chunks(head_dim: int) -> int:
     """Channel chunks the kernel decodes K and V in (one tl.dot each): two halves from head_dim
-    128 on, which halves the registers a decoded tile takes."""
+    128 on. Measured faster (H100 sweep, 16 x 32k: 3.5 757 vs 946 us, 3.5_mse 566 vs 587); ptxas
+    still uses its 255 registers either way, so the gain is in how it schedules the halves."""
     return 2 if head_dim >= 128 else 1
 
 

@@ -8,12 +8,12 @@ run the same loop. Each row has its own causal length (and sliding-window start)
 Per tile of BLOCK_N cached tokens (spanning BLOCK_N / BS pages, gathered through the block table):
 bit planes are loaded as 32-bit words (16-bit at head_dim 64) and decoded in registers to fp16
 centroids by byte-permute look-ups (lut_unpack.py); the words of K (and of V) are stacked into
-[BLOCK_N, DC] tiles, one per channel chunk of DC = d or d/2 channels (one tl.dot each; halves
-keep the registers down), whose channel order ("tile order", paged_attention.tile_order) queries
-and value outputs are given in. Per-token norms scale the scores (keys) and the probabilities (values)
-rather than every element; the outlier words carry γ_o/γ_r, so one tl.dot covers both channel
-groups. The QJL term is a tl.dot of S·q with the ±1 sign tile. Softmax is online (base 2); values
-accumulate in their rotated domain. Each split writes (max, sum, unnormalised accumulator);
+[BLOCK_N, DC] tiles, one per channel chunk of DC = d or d/2 channels (one tl.dot each;
+paged_attention.channel_chunks), whose channel order ("tile order", paged_attention.tile_order)
+queries and value outputs are given in. Per-token norms scale the scores (keys) and the
+probabilities (values) rather than every element; the outlier words carry γ_o/γ_r, so one tl.dot
+covers both channel groups. The QJL term is a tl.dot of S·q with the ±1 sign tile. Softmax is
+online (base 2); values accumulate in their rotated domain. Each split writes (max, sum, unnormalised accumulator);
 paged_attention.py merges the splits and rotates back once.
 """
 import triton
@@ -125,8 +125,8 @@ def _chunk(head_base, slot, tok_mask, rho, CB, TAB, c: tl.constexpr, OFF_O: tl.c
            BITS_O: tl.constexpr, BITS_R: tl.constexpr, U: tl.constexpr, USE_ASM: tl.constexpr):
     """Channel chunk c (DC channels: words c·DC/U ...) of K or V of BLOCK_N tokens as one fp16
     tile [BLOCK_N, DC] in tile order, up to the per-token scale (_scales)."""
-    x = _words(head_base, slot, tok_mask, rho, CB, TAB, CB + 16, TAB + 4, c * (DC // U), 1, OFF_O,
-               OFF_R, N_O, D - N_O, BITS_O, BITS_R, DC // U, U, USE_ASM)
+    x = _words(head_base, slot, tok_mask, rho, CB, TAB, CB + 16, TAB + 4, c * (DC // U), 1,
+               OFF_O, OFF_R, N_O, D - N_O, BITS_O, BITS_R, DC // U, U, USE_ASM)
     return tl.reshape(x, [slot.shape[0], DC])
 
 
@@ -155,7 +155,7 @@ def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, 
     tiles): a pass over the compressed tokens that have no exact copy (EXACT=False), or over the
     exact copies alone (EXACT=True). Two light passes keep the hot loop's registers unspilled.
     Channels come in D / DC chunks (1 or 2): queries q0, q1 and accumulators acc0, acc1 (the second
-    unused with one chunk); decoding one chunk at a time halves the tile's registers.
+    unused with one chunk, and dropped from the loop by the compiler).
     CB / TAB: fp16 codebooks / look-up tables of K outliers, K regular, V outliers, V regular and
     the QJL signs (rows of 16 / 4)."""
     pos = start + tl.arange(0, BLOCK_N)

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .codec import FORMATS
-from .quality import corpus, prompt_logprobs
+from .quality import corpus, lm_eval_ppl, prompt_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
 NEEDLE = "The secret code is {code}. Remember it."
@@ -179,8 +179,6 @@ def evaluate(cfg: dict, log=print, on_result=None) -> tuple[list[DtypeResult], d
     lm_cfg = cfg.get("lm_eval") or {}
     lm_docs = []
     if lm_cfg.get("documents"):
-        from .quality import lm_eval_ppl
-
         try:
             import lm_eval  # noqa: F401
         except ImportError as e:
@@ -206,8 +204,6 @@ def evaluate(cfg: dict, log=print, on_result=None) -> tuple[list[DtypeResult], d
                              device_args) as llm:
                     r.needle = _needle_run(llm, prompts)
             if lm_docs:
-                from .quality import lm_eval_ppl
-
                 r.lm_eval = lm_eval_ppl.perplexity(
                     model, dtype, lm_docs, max_model_len=lm_cfg.get("max_model_len", 1024),
                     chunk=cfg["chunk"], engine_args=device_args)
