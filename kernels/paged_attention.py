@@ -60,6 +60,7 @@ class AttentionConstants:
         self.unit = 32 if kc.n_o % 32 == 0 else 16  # channels per plane word (16 at d = 64)
         self.device = device
         self.version = None
+        self.launch_meta: dict[tuple, dict] = {}  # the layout's, so calibration never changes it
         self.refresh(codec)
 
     def refresh(self, codec: LayerKVCodec) -> None:
@@ -87,6 +88,19 @@ class AttentionConstants:
             value_mean=codec.value_mean.to(**f32).unsqueeze(1),             # [Hkv, 1, d]
             r_back=_back_rotations(r_v_tiles, codec.value_perm).to(**f32),  # [Hkv, d, d]
         )
+        # Dense reads (tq_dequant.py) take decoded key tiles back the same way; for QJL keys the
+        # sign tiles through Sᵀ first. Keys come back with their mean, per KV head.
+        # Queries: gather the split order, rotate, tile order (and S·q) as one matrix per query
+        # head: row key_perm[j] of W is row j of r_kᵀ.
+        r_k_t = fresh["r_k"].T.cpu()
+        w = torch.stack([r_k_t[torch.argsort(p)] for p in codec.key_perm.cpu()])  # [Hkv, d, d]
+        if kc.fmt.has_qjl:
+            w = torch.cat([w, w @ qjl.T], dim=-1)                                 # [Hkv, d, 2d]
+        fresh["q_rotation"] = w.repeat_interleave(g, 0).to(**f32)
+        k_back = _back_rotations(fresh["r_k"].cpu(), codec.key_perm)
+        qjl_back = qjl.cpu() @ k_back if kc.fmt.has_qjl else torch.zeros(1)
+        fresh.update(k_back=k_back.to(**f32), qjl_back=qjl_back.to(**f32),
+                     key_mean_kv=codec.key_mean.to(**f32))
         for name, t in fresh.items():
             if self.version is None:
                 setattr(self, name, t.contiguous())
@@ -132,12 +146,31 @@ def tile_order(head_dim: int, unit: int, chunks: int = 1) -> torch.Tensor:
     return (c * words + p % words) * unit + word_order(unit)[p // words]
 
 
+def page_constants(codec: LayerKVCodec, c: AttentionConstants, device: torch.device,
+                   recent: RecentTokens | None) -> dict:
+    """The compile-time constants of a layer's pages that every kernel reading them takes: shapes,
+    bit widths, region offsets (codec/layout.py), exact copies or not, PTX look-ups or not."""
+    lay, kc, vc = codec.layout, codec.key, codec.value
+    off = {name: r.offset for name, r in lay.regions.items()}
+    d = lay.head_dim
+    return dict(
+        HKV=lay.num_kv_heads, D=d, DC=d // channel_chunks(d), N_O=c.n_o, U=c.unit,
+        BS=lay.block_size, KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits,
+        VBO=vc.fmt.outlier_bits, VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,
+        HAS_RECENT=recent is not None, USE_ASM=_PTX and device.type == "cuda",
+        OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"], OFF_KS=off.get("k.signs", 0),
+        OFF_KGO=off["k.gamma_o"], OFF_KGR=off["k.gamma_r"], OFF_KRN=off.get("k.rnorm", 0),
+        OFF_VCO=off["v.codes_o"], OFF_VCR=off["v.codes_r"], OFF_VGO=off["v.gamma_o"],
+        OFF_VGR=off["v.gamma_r"],
+    )
+
+
 def _rotate_queries(c: AttentionConstants, query: torch.Tensor):
-    t, hq, d = query.shape
-    qp = torch.gather(query.float(), -1, c.key_perm.expand(t, hq, d))
-    q = qp @ c.r_k.T
-    sq = q @ c.qjl.T if c.has_qjl else q
-    return q.contiguous(), sq.contiguous()
+    """Queries [T, Hq, d] → (q, S·q) in tile order, head-major views [Hq, T, d] of one batched
+    GEMM (S·q is q for MSE-only keys)."""
+    d = query.shape[-1]
+    qs = torch.bmm(query.transpose(0, 1).float(), c.q_rotation)   # [Hq, T, d or 2d]
+    return qs[..., :d], (qs[..., d:] if c.has_qjl else qs[..., :d])
 
 
 def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tensor,
@@ -160,7 +193,6 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     num_tokens, hq, d = query.shape
     num_seqs = seq_lens.shape[0]
     c = AttentionConstants.of(codec, hq, query.device)
-    kc, vc = codec.key, codec.value
     q, sq = _rotate_queries(c, query)
 
     g_p2 = next_pow2(c.group)
@@ -171,9 +203,12 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     block_n, num_warps, num_stages, target_programs = (
         a if a is not None else b
         for a, b in zip((block_n, num_warps, num_stages, target_programs), shape))
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query.device)
-    torch.cumsum((q_lens + block_q - 1) // block_q, 0, out=tiles[1:])
+    if block_q == 1:  # one tile per query token: the tile offsets are the query offsets
+        tiles = query_start_loc
+    else:
+        q_lens = query_start_loc[1:] - query_start_loc[:-1]
+        tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query.device)
+        torch.cumsum((q_lens + block_q - 1) // block_q, 0, out=tiles[1:])
     max_tiles = num_seqs if block_q == 1 else num_tokens // block_q + num_seqs  # static bound
 
     max_tokens = block_table.shape[1] * lay.block_size  # static bound: no host sync
@@ -189,28 +224,24 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     part_l = torch.empty(num_tokens, hq, slots, **f32)
     part_o = torch.empty(num_tokens, hq, slots, d, **f32)
 
-    off = {name: r.offset for name, r in lay.regions.items()}
     st = (recent.key, recent.value, recent.tag) if recent is not None else (cache, cache, cache)
     args = (q, sq, cache, block_table, seq_lens, query_start_loc, tiles,
             c.codebooks, c.tables, part_m, part_l, part_o, *st,
-            scale * LOG2E, block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
+            scale * LOG2E, q.stride(1), q.stride(0), block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
             slots, num_seqs, sliding_window or _NO_WINDOW,
             recent.rows if recent is not None else 0, recent.window if recent is not None else 1)
-    meta = dict(
-        HQ=hq, HKV=lay.num_kv_heads, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m, D=d,
-        DC=d // channel_chunks(d),
-        N_O=c.n_o, U=c.unit, BS=lay.block_size,
-        KBO=kc.fmt.outlier_bits, KBR=kc.fmt.regular_bits,
-        VBO=vc.fmt.outlier_bits, VBR=vc.fmt.regular_bits, HAS_QJL=kc.fmt.has_qjl,
-        HAS_RECENT=recent is not None, USE_ASM=_PTX and query.is_cuda, CONTEXT_ONLY=context_only,
-        OFF_KCO=off["k.codes_o"], OFF_KCR=off["k.codes_r"],
-        OFF_KS=off.get("k.signs", 0),
-        OFF_KGO=off["k.gamma_o"], OFF_KGR=off["k.gamma_r"], OFF_KRN=off.get("k.rnorm", 0),
-        OFF_VCO=off["v.codes_o"], OFF_VCR=off["v.codes_r"], OFF_VGO=off["v.gamma_o"],
-        OFF_VGR=off["v.gamma_r"], num_warps=num_warps,
-    )
-    if num_stages is not None:  # else Triton's default
-        meta["num_stages"] = num_stages
+    # The launch's compile-time constants, built once per variant (this runs every layer, every
+    # step, on the host).
+    variant = (hq, block_q, block_m, context_only, recent is not None, num_warps, num_stages,
+               query.device.type)
+    meta = c.launch_meta.get(variant)
+    if meta is None:
+        meta = c.launch_meta[variant] = dict(
+            HQ=hq, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m,
+            CONTEXT_ONLY=context_only, **page_constants(codec, c, query.device, recent),
+            num_warps=num_warps)
+        if num_stages is not None:  # else Triton's default
+            meta["num_stages"] = num_stages
     kernel = tq_attention.tq_attention_kernel
     kernel[(max_tiles, lay.num_kv_heads, num_splits)](*args, BLOCK_N=block_n, TAIL=False, **meta)
     if recent is not None:
@@ -268,3 +299,8 @@ def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=device)
         varlen_attention(codec, query, pages, table, lens, qsl, 1.0, q_len, sliding_window,
                          recent=recent, context_only=context_only, return_lse=context_only)
+    if sliding_window is None:  # long chunks' dense context reads (bf16 models)
+        from .dense_context import context_span, dequantize_context
+
+        span = context_span(torch.tensor([0]), lens.cpu(), device)
+        dequantize_context(codec, pages, table, lens, span, num_q_heads, torch.bfloat16, recent)

@@ -216,13 +216,13 @@ def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, 
 
 
 # Runtime sizes must not specialise the kernel: a new batch size mid-serving would recompile.
-@triton.jit(do_not_specialize=["stride_bt", "tokens_per_split", "part_stride", "num_seqs",
-                              "window", "st_rows", "st_window"])
+@triton.jit(do_not_specialize=["stride_qt", "stride_qh", "stride_bt", "tokens_per_split",
+                              "part_stride", "num_seqs", "window", "st_rows", "st_window"])
 def tq_attention_kernel(
     Q, SQ, CACHE, BLOCK_TABLE, SEQ_LENS, QUERY_START, CU_TILES,
     CB, TAB, PART_M, PART_L, PART_O, ST_K, ST_V, ST_TAG,
-    scale_log2e, stride_bt, page_bytes, head_stride, tokens_per_split, part_stride, num_seqs, window,
-    st_rows, st_window,
+    scale_log2e, stride_qt, stride_qh, stride_bt, page_bytes, head_stride, tokens_per_split,
+    part_stride, num_seqs, window, st_rows, st_window,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
     N_O: tl.constexpr,
@@ -257,9 +257,9 @@ def tq_attention_kernel(
         row_len = tl.minimum(row_len, seq_len - (q_end - q_start))
 
     # Queries (and S·q) in tile order, one tensor per channel chunk: the launcher permuted them
-    # like the decoded tiles. With one chunk the second ones are unused aliases.
+    # like the decoded tiles (head-major, strided). With one chunk the second ones are unused.
     cd = tl.arange(0, DC)
-    q_ptr = row[:, None] * D + cd[None, :]
+    q_ptr = ((h * G + g) * stride_qh + t * stride_qt)[:, None] + cd[None, :]
     q0 = tl.load(Q + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float16)
     q1 = q0
     if DC < D:

@@ -118,11 +118,44 @@ def paged_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tenso
     return out
 
 
+def context_kv(codec: LayerKVCodec, cache: torch.Tensor, block_table: torch.Tensor,
+               seq_lens: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+               recent: RecentTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached positions [starts[i], ends[i]) of every sequence i (seq_lens[i] tokens long),
+    decoded to keys and values [N, H, d] float32 in the original channel order, sequences
+    concatenated in order: what dense attention over the cached context reads. With `recent`,
+    tokens that have exact copies (recent.py) come from them."""
+    bs = codec.layout.block_size
+    keys, values = [], []
+    for i, (a, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+        if e <= a:
+            continue
+        blocks = block_table[i, : (e + bs - 1) // bs]
+        rows = {k: v[:e] for k, v in codec.read_blocks(cache, blocks).items()}
+        qk, qv = codec.unpack(rows)
+        k_rot, v_rot = codec.key.dequantize_rotated(qk), codec.value.dequantize_rotated(qv)
+        if recent is not None:
+            exact = _exact_tokens(recent, i, rows, blocks, 0, e, bs, int(seq_lens[i]))
+            k_rot = torch.where(exact.mask.unsqueeze(-1), exact.key.float(), k_rot)
+            v_rot = torch.where(exact.mask.unsqueeze(-1), exact.value.float(), v_rot)
+        keys.append(codec.key.unrotate(k_rot[a:], codec.key_perm) + codec.key_mean.to(k_rot.device))
+        values.append(codec.value.unrotate(v_rot[a:], codec.value_perm)
+                      + codec.value_mean.to(v_rot.device))
+    if not keys:
+        empty = torch.zeros(0, codec.layout.num_kv_heads, codec.layout.head_dim)
+        return empty, empty.clone()
+    return torch.cat(keys), torch.cat(values)
+
+
 def _exact_tokens(recent: RecentTokens, row: int, rows: dict[str, torch.Tensor],
-                  blocks: torch.Tensor, key_start: int, length: int, bs: int) -> ExactTokens:
+                  blocks: torch.Tensor, key_start: int, length: int, bs: int,
+                  seq_len: int | None = None) -> ExactTokens:
+    """Exact copies of positions key_start..length-1 of a sequence of seq_len (default: length)
+    tokens: only its newest recent.window positions can have one."""
     pos = torch.arange(key_start, length, device=blocks.device)
     slots = blocks.long().repeat_interleave(bs)[: length - key_start] * bs + pos % bs
     mask = recent.lookup(row, pos, slots, checksum_from_rows(rows))
-    mask &= (pos >= length - recent.window).unsqueeze(-1).to(mask.device)
+    newest = (length if seq_len is None else seq_len) - recent.window
+    mask &= (pos >= newest).unsqueeze(-1).to(mask.device)
     e = (row * recent.window + pos % recent.window).long().clamp(max=recent.key.shape[0] - 1)
     return ExactTokens(mask, recent.key[e].to(mask.device), recent.value[e].to(mask.device))

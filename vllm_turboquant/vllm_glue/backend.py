@@ -22,7 +22,7 @@ by prefix caching or read after preemption/resume always decode with the split t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
@@ -33,6 +33,16 @@ from ..codec import LayerKVCodec, RecentTokens, dense_attention, page_layout, pa
 from ..codec.formats import FORMATS, SUPPORTED_HEAD_SIZES, is_turboquant_dtype
 from ..codec.layout import BLOCK_SIZE_MULTIPLE
 from . import options
+
+if TYPE_CHECKING:
+    from ..kernels.dense_context import ContextSpan
+
+# Rows with at least this many new tokens read their cached context densely (decoded once into
+# bf16 K/V, then FlashAttention); shorter ones through the paged kernel, whose 16-token query
+# tiles each decode the context again. Dense K/V scratch is bounded per read; longer contexts go
+# in pieces.
+DENSE_MIN_QUERY = 64
+DENSE_SCRATCH_BYTES = 256 << 20
 
 
 class TurboQuantBackend(AttentionBackend):
@@ -99,10 +109,21 @@ class ContextQueries:
     max_query_len: int
     num_step_tokens: int           # all (unpadded) query tokens of the step
     every_token: bool              # tokens == arange(num_step_tokens): skip the gather
+    pieces: tuple["DensePiece", ...] = ()  # long chunks: the same rows, read densely
 
     @property
     def rows(self) -> torch.Tensor | slice:
         return slice(0, self.num_step_tokens) if self.every_token else self.tokens
+
+
+@dataclass
+class DensePiece:
+    """Part of a long-chunk group's context, decoded at once into dense K/V (kernels/
+    dense_context.py) and attended with FlashAttention: the rows with keys in it and which cached
+    positions of each (a context too long for one scratch buffer spans several pieces, whose
+    results merge by log-sum-exp like the groups')."""
+    queries: ContextQueries
+    span: "ContextSpan"
 
 
 @dataclass
@@ -142,6 +163,10 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        specs = getattr(kv_cache_spec, "kv_cache_specs", None)  # hybrid models: one per layer
+        widest = max(sp.num_kv_heads * sp.head_size
+                     for sp in (specs.values() if specs else [kv_cache_spec]))
+        self.dense_tokens = max(DENSE_MIN_QUERY, DENSE_SCRATCH_BYTES // (4 * widest))
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TurboQuantMetadata:
@@ -171,7 +196,9 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping,
             causal=bool(cam.causal) if not isinstance(cam.causal, torch.Tensor) else True,
-            context=(_context_queries(qsl[: num_reqs + 1], seq_lens, self.device)
+            context=(_context_queries(qsl[: num_reqs + 1], seq_lens, self.device,
+                                      cam.query_start_loc[: num_reqs + 1],
+                                      cam.seq_lens[:num_reqs], self.dense_tokens)
                      if on_gpu and seq_lens is not None else ()),
         )
 
@@ -314,14 +341,36 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                                return_lse=bool(m.context))
         if new is None or not m.context:
             return new
-        from ..kernels.paged_attention import LOG2E, merge_attention
+        from ..kernels.paged_attention import merge_attention
 
-        out, lse = new[0].float(), new[1].float().T * LOG2E  # FA: natural log [Hq, T] → base 2
+        out, lse = new[0].float(), _base2_lse(new[1])
         for ctx in m.context:
-            rows = ctx.rows
-            ctx_out, ctx_lse = self._cached_attention(q[rows], kv_cache, m, ctx)
-            out[rows] = merge_attention(ctx_out, ctx_lse, out[rows], lse[rows])
+            # Sliding-window layers read only their window: the paged kernel suits them.
+            for part in (ctx.pieces if ctx.pieces and self.sliding_window is None else (ctx,)):
+                rows = part.queries.rows if isinstance(part, DensePiece) else part.rows
+                if isinstance(part, DensePiece):
+                    ctx_out, ctx_lse = self._dense_context(q[rows], kv_cache, m, part)
+                else:
+                    ctx_out, ctx_lse = self._cached_attention(q[rows], kv_cache, m, part)
+                out[rows] = merge_attention(ctx_out, ctx_lse, out[rows], lse[rows])
         return out
+
+    def _dense_context(self, q: torch.Tensor, kv_cache: torch.Tensor, m: TurboQuantMetadata,
+                       piece: DensePiece) -> tuple[torch.Tensor, torch.Tensor]:
+        """A piece's rows over its cached positions: decoded once to dense K/V, FlashAttention
+        (nothing causal: every key precedes every query). (out float32, base-2 lse)."""
+        from ..kernels.dense_context import dequantize_context
+
+        num_reqs = m.num_reqs
+        dtype = _fa_dtype(q)
+        k, v = dequantize_context(self._codec_for(kv_cache), kv_cache.view(kv_cache.shape[0], -1),
+                                  m.block_table[:num_reqs], m.seq_lens_device[:num_reqs],
+                                  piece.span, self.num_heads, dtype, self.recent)
+        qs = piece.queries
+        out, lse = _flash_varlen(q.to(dtype), k, v, qs.query_start_loc, qs.max_query_len,
+                                 piece.span.cu_keys, piece.span.max_keys, self.scale,
+                                 causal=False, window=None, return_lse=True)
+        return out.float(), _base2_lse(lse)
 
     def _cached_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, m: TurboQuantMetadata,
                           context: ContextQueries | None = None):
@@ -370,37 +419,96 @@ def _recent_tokens(num_kv_heads: int, head_size: int) -> RecentTokens | None:
     return RecentTokens(rows, window, num_kv_heads, head_size, config.device_config.device)
 
 
-def _context_queries(qsl: torch.Tensor, seq_lens: torch.Tensor,
-                     device: torch.device) -> tuple[ContextQueries, ...]:
-    """Host-side selection of the query tokens that read cached context, as a group of
-    single-token rows and a group of multi-token rows (either may be absent; none: every sequence
-    is a fresh prompt). A decode mixed into a step with a long chunk would otherwise run with the
-    chunk's query tiles and without split-K. Copied to the device through pinned memory: no
-    sync."""
+def _context_queries(qsl: torch.Tensor, seq_lens: torch.Tensor, device: torch.device,
+                     qsl_device: torch.Tensor | None = None,
+                     seq_lens_device: torch.Tensor | None = None,
+                     dense_tokens: int = 0) -> tuple[ContextQueries, ...]:
+    """Host-side selection of the query tokens that read cached context, as groups of
+    single-token rows, of short multi-token rows and of rows of >= DENSE_MIN_QUERY tokens (any
+    may be absent; none: every sequence is a fresh prompt). A decode mixed into a step with a
+    long chunk would otherwise run with the chunk's query tiles and without split-K. The long
+    group also carries its dense pieces (given dense_tokens, the positions one piece may decode,
+    and the device lengths). Copied to the device through pinned memory: no sync."""
     q_lens = qsl[1:] - qsl[:-1]
     has_ctx = seq_lens > q_lens
-    def to_dev(t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
+    short = q_lens < DENSE_MIN_QUERY
     groups = []
-    for sel in (has_ctx & (q_lens == 1), has_ctx & (q_lens > 1)):
-        if not bool(sel.any()):
-            continue
-        kept = torch.where(sel, q_lens, torch.zeros_like(q_lens))
-        sub_qsl = torch.zeros(qsl.shape[0], dtype=torch.int32)
-        torch.cumsum(kept, 0, out=sub_qsl[1:])
-        tokens = torch.repeat_interleave(sel, q_lens.long()).nonzero().squeeze(1)
-        groups.append(ContextQueries(tokens=to_dev(tokens), query_start_loc=to_dev(sub_qsl),
-                                     max_query_len=int(kept.max()), num_step_tokens=int(qsl[-1]),
-                                     every_token=bool(sel.all())))
+    for sel in (has_ctx & (q_lens == 1), has_ctx & (q_lens > 1) & short, has_ctx & ~short):
+        if bool(sel.any()):
+            groups.append(_group(sel, qsl, device))
+    if dense_tokens and groups and not bool(short[has_ctx].all()):
+        limit = seq_lens_device - (qsl_device[1:] - qsl_device[:-1])  # exact context lengths
+        pieces = _dense_pieces(has_ctx & ~short, seq_lens - q_lens, dense_tokens)
+        groups[-1].pieces = tuple(
+            DensePiece(_group(ends > starts, qsl, device), _span(starts, ends, device, limit))
+            for starts, ends in pieces)
     return tuple(groups)
 
 
-def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: TurboQuantMetadata,
-                     scale: float, sliding_window: int | None, return_lse: bool = False):
-    """vLLM's FlashAttention of each sequence's new tokens over their own exact K/V, causal (for a
-    fresh prompt: what the bf16 cache would do); with return_lse also the natural log-sum-exp
-    [Hq, T]. None where this vLLM build has no FlashAttention for the GPU."""
+def _group(sel: torch.Tensor, qsl: torch.Tensor, device: torch.device) -> ContextQueries:
+    """The query tokens of the rows `sel` (host bool [num_reqs])."""
+    q_lens = qsl[1:] - qsl[:-1]
+    kept = torch.where(sel, q_lens, torch.zeros_like(q_lens))
+    sub_qsl = torch.zeros(qsl.shape[0], dtype=torch.int32)
+    torch.cumsum(kept, 0, out=sub_qsl[1:])
+    tokens = torch.repeat_interleave(sel, q_lens.long()).nonzero().squeeze(1)
+    return ContextQueries(tokens=_to_device(tokens, device),
+                          query_start_loc=_to_device(sub_qsl, device),
+                          max_query_len=int(kept.max()), num_step_tokens=int(qsl[-1]),
+                          every_token=bool(sel.all()))
+
+
+def _dense_pieces(sel: torch.Tensor, ctx_lens: torch.Tensor,
+                  capacity: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Cut the cached contexts of rows `sel` into pieces of at most `capacity` positions, in row
+    order: (starts, ends) host [num_reqs] per piece (ends == starts: the row is not in it)."""
+    pieces, used = [], 0
+    starts = torch.zeros_like(ctx_lens)
+    ends = torch.zeros_like(ctx_lens)
+    for b in sel.nonzero().flatten().tolist():
+        a, n = 0, int(ctx_lens[b])
+        while a < n:
+            take = min(n - a, capacity - used)
+            starts[b], ends[b] = a, a + take
+            a, used = a + take, used + take
+            if used == capacity:
+                pieces.append((starts.clone(), ends.clone()))
+                starts.zero_(), ends.zero_()
+                used = 0
+    if used:
+        pieces.append((starts, ends))
+    return pieces
+
+
+def _span(starts: torch.Tensor, ends: torch.Tensor, device: torch.device,
+          limit: torch.Tensor) -> "ContextSpan":
+    from ..kernels.dense_context import context_span
+
+    return context_span(starts, ends, device, limit)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _fa_dtype(q: torch.Tensor) -> torch.dtype:
+    return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _base2_lse(lse: torch.Tensor) -> torch.Tensor:
+    """FlashAttention's natural log-sum-exp [Hq, T] → base 2 [T, Hq]. A row with no key gets
+    +inf from FlashAttention; merge_attention wants -inf."""
+    from ..kernels.paged_attention import LOG2E
+
+    lse = lse.float().T * LOG2E
+    return lse.masked_fill(lse == float("inf"), float("-inf"))
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+                  max_q: int, cu_k: torch.Tensor, max_k: int, scale: float, causal: bool,
+                  window: int | None, return_lse: bool):
+    """vLLM's FlashAttention, varlen, on q/k/v of one dtype; None where this vLLM build has no
+    FlashAttention for the GPU. With return_lse: (out, natural log-sum-exp [Hq, T])."""
     try:
         from vllm.v1.attention.backends.fa_utils import (flash_attn_varlen_func,
                                                          get_flash_attn_version)
@@ -409,10 +517,20 @@ def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: Turbo
         return None
     if version is None:
         return None
-    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    qsl = m.query_start_loc_device
-    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
-    return flash_attn_varlen_func(q.to(dtype), k.to(dtype), v.to(dtype), max_seqlen_q=m.max_query_len,
-                                  cu_seqlens_q=qsl, max_seqlen_k=m.max_query_len, cu_seqlens_k=qsl,
-                                  softmax_scale=scale, causal=True, window_size=list(window),
+    sides = (-1, -1) if window is None else (window - 1, 0)
+    return flash_attn_varlen_func(q, k, v, max_seqlen_q=max_q, cu_seqlens_q=cu_q,
+                                  max_seqlen_k=max_k, cu_seqlens_k=cu_k, softmax_scale=scale,
+                                  causal=causal, window_size=list(sides),
                                   return_softmax_lse=return_lse, fa_version=version)
+
+
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: TurboQuantMetadata,
+                     scale: float, sliding_window: int | None, return_lse: bool = False):
+    """Each sequence's new tokens over their own exact K/V, causal (for a fresh prompt: what the
+    bf16 cache would do); with return_lse also the natural log-sum-exp [Hq, T]. None: no
+    FlashAttention here."""
+    dtype = _fa_dtype(q)
+    qsl = m.query_start_loc_device
+    return _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), qsl, m.max_query_len, qsl,
+                         m.max_query_len, scale, causal=True, window=sliding_window,
+                         return_lse=return_lse)

@@ -1,0 +1,108 @@
+"""Triton: cached TurboQuant context → dense K/V in the model's dtype, once per step.
+
+A long prompt chunk reads its context through FlashAttention over these (dense_context.py) instead
+of the paged kernel, which would decode every cached token once per 16-token query tile.
+
+One program per (tile of BLOCK_N positions of one sequence's range, KV head). The tile is decoded
+exactly as the attention kernel does (tq_attention.py: register look-ups, per-token scales, tile
+order, channel chunks), then taken back to the original channels by one tl.dot per chunk with a
+per-head matrix that folds the inverse rotation, the tile order and the outlier split (and for QJL
+keys Sᵀ and its constant), plus the per-head mean. Exact copies of the newest tokens replace their
+decoded tokens, as in the attention kernel.
+"""
+import triton
+import triton.language as tl
+
+from .tq_attention import (_chunk, _chunk_channels, _exact_copies, _find_seq, _norm16, _scales,
+                           _sign_chunk, _staged)
+
+
+@triton.jit
+def _rows(M, h, c: tl.constexpr, D: tl.constexpr, DC: tl.constexpr):
+    """Rows c·DC .. c·DC + DC - 1 of head h's [D, D] matrix, fp16 [DC, D]."""
+    r = c * DC + tl.arange(0, DC)
+    return tl.load(M + h * D * D + r[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float16)
+
+
+@triton.jit
+def _back(x0, x1, M, h, D: tl.constexpr, DC: tl.constexpr):
+    """[x0 | x1] (fp16 [BLOCK_N, D] in tile order, as chunks) @ M[h] → fp32 [BLOCK_N, D]."""
+    y = tl.dot(x0, _rows(M, h, 0, D, DC))
+    if DC < D:
+        y += tl.dot(x1, _rows(M, h, 1, D, DC))
+    return y
+
+
+# Runtime sizes must not specialise the kernel (a new batch would recompile).
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs", "st_rows", "st_window"])
+def tq_dequant_kernel(
+    CACHE, BLOCK_TABLE, SEQ_LENS, STARTS, CU_KEYS, CU_TILES, CB, TAB,
+    K_BACK, QJL_BACK, V_BACK, K_MEAN, V_MEAN, OUT_K, OUT_V, ST_K, ST_V, ST_TAG,
+    stride_bt, page_bytes, head_stride, num_seqs, st_rows, st_window,
+    HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, N_O: tl.constexpr, U: tl.constexpr,
+    BS: tl.constexpr, BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
+    VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr, HAS_RECENT: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    OFF_KCO: tl.constexpr, OFF_KCR: tl.constexpr, OFF_KS: tl.constexpr, OFF_KGO: tl.constexpr,
+    OFF_KGR: tl.constexpr, OFF_KRN: tl.constexpr, OFF_VCO: tl.constexpr, OFF_VCR: tl.constexpr,
+    OFF_VGO: tl.constexpr, OFF_VGR: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    if tile >= tl.load(CU_TILES + num_seqs):
+        return  # the grid is a static upper bound on the number of tiles
+    b = _find_seq(CU_TILES, tile, num_seqs)
+    first_key = tl.load(CU_KEYS + b)
+    i = (tile - tl.load(CU_TILES + b)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tok_mask = i < tl.load(CU_KEYS + b + 1) - first_key
+    pos = tl.load(STARTS + b) + i
+    phys = tl.load(BLOCK_TABLE + b * stride_bt + pos // BS, mask=tok_mask, other=0)
+    head_base = CACHE + phys.to(tl.int64) * page_bytes + h * head_stride
+    slot = pos % BS
+
+    k_scale, k_rho = _scales(head_base, slot, tok_mask, OFF_KGO, OFF_KGR)
+    k0 = _chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 0, OFF_KCO, OFF_KCR, D, DC, N_O, KBO,
+                KBR, U, USE_ASM)
+    k1 = k0
+    if DC < D:
+        k1 = _chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 1, OFF_KCO, OFF_KCR, D, DC, N_O,
+                    KBO, KBR, U, USE_ASM)
+    k = _back(k0, k1, K_BACK, h, D, DC) * k_scale[:, None]
+    if HAS_QJL:
+        s0 = _sign_chunk(head_base, slot, tok_mask, CB, TAB, 0, OFF_KS, D, DC, U, USE_ASM)
+        s1 = s0
+        if DC < D:
+            s1 = _sign_chunk(head_base, slot, tok_mask, CB, TAB, 1, OFF_KS, D, DC, U, USE_ASM)
+        rnorm = _norm16(head_base, slot, tok_mask, OFF_KRN).to(tl.float32)
+        k += _back(s0, s1, QJL_BACK, h, D, DC) * rnorm[:, None]
+    v_scale, v_rho = _scales(head_base, slot, tok_mask, OFF_VGO, OFF_VGR)
+    v0 = _chunk(head_base, slot, tok_mask, v_rho, CB + 32, TAB + 8, 0, OFF_VCO, OFF_VCR, D, DC,
+                N_O, VBO, VBR, U, USE_ASM)
+    v1 = v0
+    if DC < D:
+        v1 = _chunk(head_base, slot, tok_mask, v_rho, CB + 32, TAB + 8, 1, OFF_VCO, OFF_VCR, D,
+                    DC, N_O, VBO, VBR, U, USE_ASM)
+    v = _back(v0, v1, V_BACK, h, D, DC) * v_scale[:, None]
+
+    if HAS_RECENT:
+        seq_len = tl.load(SEQ_LENS + b)
+        exact_lo = tl.where(b < st_rows, seq_len - st_window, 1 << 30)
+        ent, ex = _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, b, h, exact_lo,
+                                st_window, HKV, BS, OFF_KGO, OFF_KGR)
+        if tl.max(ex.to(tl.int32), 0) > 0:  # only the context's newest tiles can have copies
+            c0 = _chunk_channels(0, DC, U)
+            C1: tl.constexpr = (D - DC) // DC  # chunk 1 (with one chunk: 0 again, unused)
+            c1 = _chunk_channels(C1, DC, U)
+            ke = _back(_staged(ST_K, ent, ex, c0, D), _staged(ST_K, ent, ex, c1, D), K_BACK, h,
+                       D, DC)
+            ve = _back(_staged(ST_V, ent, ex, c0, D), _staged(ST_V, ent, ex, c1, D), V_BACK, h,
+                       D, DC)
+            k = tl.where(ex[:, None], ke, k)
+            v = tl.where(ex[:, None], ve, v)
+
+    cols = tl.arange(0, D)
+    k += tl.load(K_MEAN + h * D + cols)[None, :]
+    v += tl.load(V_MEAN + h * D + cols)[None, :]
+    out = ((first_key + i).to(tl.int64) * HKV + h)[:, None] * D + cols[None, :]
+    tl.store(OUT_K + out, k.to(OUT_K.dtype.element_ty), mask=tok_mask[:, None])
+    tl.store(OUT_V + out, v.to(OUT_V.dtype.element_ty), mask=tok_mask[:, None])

@@ -1,0 +1,79 @@
+"""The Triton context decoder (dense K/V for FlashAttention) against the codec's context_kv.
+
+On CPU these run under Triton's interpreter (tests/test_kernels_interpreted.py)."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from vllm_turboquant.codec import FORMATS, RecentTokens, context_kv  # noqa: E402
+from vllm_turboquant.kernels.dense_context import (context_span,  # noqa: E402
+                                                   dequantize_context)
+
+from ..test_packed_attention import build_cache  # noqa: E402
+from .test_attention_kernel import DEVICE, _codec, _rel_err  # noqa: E402
+
+on = lambda t: t.to(DEVICE)  # noqa: E731
+
+
+def _decode(codec, cache, table, lens, starts, ends, limit=None, recent=None):
+    span = context_span(starts, ends, torch.device(DEVICE), None if limit is None else on(limit))
+    k, v = dequantize_context(codec, on(cache), on(table), on(lens), span, num_q_heads=4,
+                              dtype=torch.bfloat16, recent=recent)
+    return k[: int(span.cu_keys[-1])].float().cpu(), v[: int(span.cu_keys[-1])].float().cpu()
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("d,kv_heads,block_size", [(64, 2, 16), (128, 1, 32), (256, 1, 16)])
+def test_dense_context_matches_the_codec(name, d, kv_heads, block_size, gen):
+    # Whole contexts, a range starting mid-page, an empty row, one past a tile boundary.
+    codec = _codec(name, d, kv_heads, block_size, gen)
+    seq_lens = [37, 90, 12, 70]
+    cache, table, _ = build_cache(codec, seq_lens, gen, num_blocks=20)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    starts = torch.tensor([0, 21, 5, 0])
+    ends = torch.tensor([30, 90, 5, 65])
+    want_k, want_v = context_kv(codec, cache, table, lens, starts, ends)
+    got_k, got_v = _decode(codec, cache, table, lens, starts, ends)
+    assert got_k.shape == want_k.shape == (30 + 69 + 65, kv_heads, d)
+    assert _rel_err(got_k, want_k) <= 1e-2 and _rel_err(got_v, want_v) <= 1e-2
+
+
+def test_device_limit_clips_host_upper_bounds(gen):
+    codec = _codec("turboquant_3.5_mse", 64, 1, 16, gen)
+    cache, table, _ = build_cache(codec, [40, 50], gen, num_blocks=8)
+    lens = torch.tensor([40, 50], dtype=torch.int32)
+    starts, ends = torch.tensor([0, 0]), torch.tensor([40, 50])
+    limit = torch.tensor([33, 50], dtype=torch.int32)  # row 0 really has 33 cached positions
+    want_k, _ = context_kv(codec, cache, table, lens, starts, torch.tensor([33, 50]))
+    got_k, _ = _decode(codec, cache, table, lens, starts, ends, limit=limit)
+    assert got_k.shape[0] == 83 and _rel_err(got_k, want_k) <= 1e-2
+
+
+@pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
+def test_exact_copies_replace_their_decoded_tokens(name, gen):
+    # Row 0 staged and current, row 1's newest slots rewritten by another request (stale copies),
+    # row 2 beyond the buffer.
+    d, kv_heads, window = 64, 2, 32
+    codec = _codec(name, d, kv_heads, 16, gen)
+    seq_lens = [45, 60, 50]
+    cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
+    recent = RecentTokens(rows=2, window=window, num_kv_heads=kv_heads, head_dim=d)
+    for row, n in enumerate(seq_lens):
+        slots = table[row].long().repeat_interleave(16)[:n] * 16 + torch.arange(n) % 16
+        qsl = torch.tensor([0] * (row + 1) + [n], dtype=torch.int32)
+        lens = torch.tensor([0] * row + [n], dtype=torch.int32)
+        recent.write(codec, cache, slots, recent.entries(slots, qsl, lens), *dense[row])
+        if row == 1:
+            codec.write(cache, slots[-10:], torch.randn(10, kv_heads, d, generator=gen),
+                        torch.randn(10, kv_heads, d, generator=gen))
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    starts, ends = torch.tensor([0, 0, 0]), torch.tensor(seq_lens)
+    want_k, want_v = context_kv(codec, cache, table, lens, starts, ends, recent=recent)
+    plain_k, _ = context_kv(codec, cache, table, lens, starts, ends)
+    assert _rel_err(plain_k, want_k) > 0.02  # the copies change the answer
+    assert torch.allclose(want_k[20:45], dense[0][0][20:45], atol=1e-2)  # row 0's newest, exact
+    staged = RecentTokens(rows=2, window=window, num_kv_heads=kv_heads, head_dim=d, device=DEVICE)
+    staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
+    got_k, got_v = _decode(codec, cache, table, lens, starts, ends, recent=staged)
+    assert _rel_err(got_k, want_k) <= 1e-2 and _rel_err(got_v, want_v) <= 1e-2
