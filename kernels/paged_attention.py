@@ -1,9 +1,10 @@
 """Launcher for the Triton TurboQuant attention kernel (tq_attention.py); the oracle is
 `vllm_turboquant.codec.paged_attention` (see reference.py beside this file).
 
-Per layer and step: rotate the queries once per channel group (and project them by S once for QJL
-keys), run the kernel over (query tile, KV head, split), merge the splits (tq_merge.py), rotate
-the value accumulator back once (one batched GEMM) and add the value mean. No host
+Per layer and step: rotate the queries (and project them by S for QJL keys) with one batched GEMM
+whose per-head matrix folds the outlier split, rotation and tile order, run the kernel over (query
+tile, KV head, split), merge the splits (tq_merge.py), rotate the value accumulator back once
+(one batched GEMM) and add the value mean. No host
 synchronisation and no per-request Python: grid sizes come from static shapes, so a decode step
 can be captured in a CUDA graph.
 """
@@ -227,7 +228,8 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     st = (recent.key, recent.value, recent.tag) if recent is not None else (cache, cache, cache)
     args = (q, sq, cache, block_table, seq_lens, query_start_loc, tiles,
             c.codebooks, c.tables, part_m, part_l, part_o, *st,
-            scale * LOG2E, q.stride(1), q.stride(0), block_table.stride(0), lay.page_bytes, lay.head_stride, per_split,
+            scale * LOG2E, q.stride(1), q.stride(0), block_table.stride(0), lay.page_bytes,
+            lay.head_stride, per_split,
             slots, num_seqs, sliding_window or _NO_WINDOW,
             recent.rows if recent is not None else 0, recent.window if recent is not None else 1)
     # The launch's compile-time constants, built once per variant (this runs every layer, every
@@ -284,9 +286,10 @@ def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
 
 
 def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
-            sliding_window: int | None = None, recent: RecentTokens | None = None) -> None:
+            sliding_window: int | None = None, recent: RecentTokens | None = None,
+            dtype: torch.dtype = torch.bfloat16) -> None:
     """Compile the kernel variants vLLM's steps use now (engine start-up), on two scratch pages,
-    so no request ever waits for Triton's JIT."""
+    so no request ever waits for Triton's JIT. dtype: the model's (queries, dense K/V)."""
     lay = codec.layout
     pages = torch.zeros(2, lay.page_bytes, dtype=torch.uint8, device=device)
     table = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
@@ -295,12 +298,12 @@ def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
     # (where only decodes have context the tiles are single-token). Without FlashAttention,
     # multi-token steps run causal over everything and compile at first use.
     for q_len, context_only in ((1, False), (1, True), (2, True)):
-        query = torch.zeros(q_len, num_q_heads, lay.head_dim, device=device)
+        query = torch.zeros(q_len, num_q_heads, lay.head_dim, device=device, dtype=dtype)
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=device)
         varlen_attention(codec, query, pages, table, lens, qsl, 1.0, q_len, sliding_window,
                          recent=recent, context_only=context_only, return_lse=context_only)
-    if sliding_window is None:  # long chunks' dense context reads (bf16 models)
+    if sliding_window is None:  # long chunks' dense context reads
         from .dense_context import context_span, dequantize_context
 
         span = context_span(torch.tensor([0]), lens.cpu(), device)
-        dequantize_context(codec, pages, table, lens, span, num_q_heads, torch.bfloat16, recent)
+        dequantize_context(codec, pages, table, lens, span, num_q_heads, dtype, recent)

@@ -138,6 +138,26 @@ def test_sliding_window_never_reads_pages_before_the_window(gen):
     assert torch.isfinite(got).all() and _rel_err(got, want) <= 1e-2
 
 
+def stage_newest(codec, cache, table, dense, seq_lens, rows, window, gen):
+    """Exact copies of each sequence's newest `window` tokens for batch rows < rows (block size
+    16); then row 1's newest 10 slots are rewritten by another request (its copies go stale)."""
+    from vllm_turboquant.codec import RecentTokens
+
+    lay = codec.layout
+    recent = RecentTokens(rows=rows, window=window, num_kv_heads=lay.num_kv_heads,
+                          head_dim=lay.head_dim)
+    for row, n in enumerate(seq_lens):
+        slots = table[row].long().repeat_interleave(16)[:n] * 16 + torch.arange(n) % 16
+        qsl = torch.tensor([0] * (row + 1) + [n], dtype=torch.int32)
+        lens = torch.tensor([0] * row + [n], dtype=torch.int32)
+        recent.write(codec, cache, slots, recent.entries(slots, qsl, lens), *dense[row])
+        if row == 1:
+            shape = (10, lay.num_kv_heads, lay.head_dim)
+            codec.write(cache, slots[-10:], torch.randn(shape, generator=gen),
+                        torch.randn(shape, generator=gen))
+    return recent
+
+
 @pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
 def test_newest_tokens_read_from_their_exact_copies(name, gen):
     # Rows 0-2 are staged (row 1's entries then go stale: its pages are rewritten), row 3 is
@@ -148,15 +168,7 @@ def test_newest_tokens_read_from_their_exact_copies(name, gen):
     codec = _codec(name, d, kv_heads, 16, gen)
     seq_lens, q_lens = [33, 45, 70, 9], [1, 5, 3, 1]
     cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
-    recent = RecentTokens(rows=3, window=window, num_kv_heads=kv_heads, head_dim=d)
-    for row, n in enumerate(seq_lens):
-        slots = table[row].long().repeat_interleave(16)[:n] * 16 + torch.arange(n) % 16
-        qsl = torch.tensor([0] * (row + 1) + [n], dtype=torch.int32)
-        lens = torch.tensor([0] * row + [n], dtype=torch.int32)
-        recent.write(codec, cache, slots, recent.entries(slots, qsl, lens), *dense[row])
-        if row == 1:  # another request's tokens now own these slots
-            codec.write(cache, slots[-10:], torch.randn(10, kv_heads, d, generator=gen),
-                        torch.randn(10, kv_heads, d, generator=gen))
+    recent = stage_newest(codec, cache, table, dense, seq_lens, 3, window, gen)
     qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     query = torch.randn(int(qsl[-1]), kv_heads * gqa, d, generator=gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32)

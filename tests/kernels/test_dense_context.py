@@ -11,7 +11,7 @@ from vllm_turboquant.kernels.dense_context import (context_span,  # noqa: E402
                                                    dequantize_context)
 
 from ..test_packed_attention import build_cache  # noqa: E402
-from .test_attention_kernel import DEVICE, _codec, _rel_err  # noqa: E402
+from .test_attention_kernel import DEVICE, _codec, _rel_err, stage_newest  # noqa: E402
 
 on = lambda t: t.to(DEVICE)  # noqa: E731
 
@@ -58,15 +58,7 @@ def test_exact_copies_replace_their_decoded_tokens(name, gen):
     codec = _codec(name, d, kv_heads, 16, gen)
     seq_lens = [45, 60, 50]
     cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
-    recent = RecentTokens(rows=2, window=window, num_kv_heads=kv_heads, head_dim=d)
-    for row, n in enumerate(seq_lens):
-        slots = table[row].long().repeat_interleave(16)[:n] * 16 + torch.arange(n) % 16
-        qsl = torch.tensor([0] * (row + 1) + [n], dtype=torch.int32)
-        lens = torch.tensor([0] * row + [n], dtype=torch.int32)
-        recent.write(codec, cache, slots, recent.entries(slots, qsl, lens), *dense[row])
-        if row == 1:
-            codec.write(cache, slots[-10:], torch.randn(10, kv_heads, d, generator=gen),
-                        torch.randn(10, kv_heads, d, generator=gen))
+    recent = stage_newest(codec, cache, table, dense, seq_lens, 2, window, gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     starts, ends = torch.tensor([0, 0, 0]), torch.tensor(seq_lens)
     want_k, want_v = context_kv(codec, cache, table, lens, starts, ends, recent=recent)
@@ -77,3 +69,57 @@ def test_exact_copies_replace_their_decoded_tokens(name, gen):
     staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
     got_k, got_v = _decode(codec, cache, table, lens, starts, ends, recent=staged)
     assert _rel_err(got_k, want_k) <= 1e-2 and _rel_err(got_v, want_v) <= 1e-2
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, scale):
+    """Non-causal attention of each sequence's queries over its keys, with the base-2 lse (what
+    the backend asks FlashAttention for)."""
+    out = torch.zeros(q.shape)
+    lse = torch.full(q.shape[:2], float("-inf"))
+    g = q.shape[1] // k.shape[1]
+    for i in range(len(cu_q) - 1):
+        a, b, c, e = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        if b == a or e == c:
+            continue
+        s = torch.einsum("thd,lhd->thl", q[a:b], k[c:e].repeat_interleave(g, 1)) * scale
+        p = torch.softmax(s, -1)
+        out[a:b] = torch.einsum("thl,lhd->thd", p, v[c:e].repeat_interleave(g, 1))
+        lse[a:b] = torch.logsumexp(s, -1) * 1.4426950408889634
+    return out, lse
+
+
+def test_context_cut_into_pieces_attends_like_the_whole(gen):
+    # The backend's plan for long chunks (pieces of at most 40 positions here), each piece decoded
+    # by the kernel and attended, merged by log-sum-exp = attention over the whole decoded context.
+    pytest.importorskip("vllm")
+    from vllm_turboquant.kernels.paged_attention import merge_attention
+    from vllm_turboquant.vllm_glue.backend import _context_queries
+
+    d, kv_heads, gqa, scale = 64, 2, 2, 0.125
+    codec = _codec("turboquant_3.5_mse", d, kv_heads, 16, gen)
+    q_lens, seq_lens = [64, 1, 70], [150, 30, 101]
+    cache, table, _ = build_cache(codec, seq_lens, gen, num_blocks=30)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    query = torch.randn(int(qsl[-1]), kv_heads * gqa, d, generator=gen)
+    dev = torch.device(DEVICE)
+    *_, chunks = _context_queries(qsl, lens, dev, on(qsl), on(lens), dense_tokens=40)
+    # contexts 86 + 31 = 117 positions: [0,40) | [40,80) | row 0's [80,86) + row 2's [0,31)
+    assert [p.span.num_keys for p in chunks.pieces] == [40, 40, 37]
+    out = torch.zeros(query.shape)
+    lse = torch.full(query.shape[:2], float("-inf"))
+    for piece in chunks.pieces:
+        rows = piece.queries.tokens.cpu()
+        k, v = dequantize_context(codec, on(cache), on(table), on(lens), piece.span, gqa * kv_heads,
+                                  torch.float32)
+        o, s = _varlen_reference(query[rows], k.cpu(), v.cpu(), piece.queries.query_start_loc.cpu(),
+                                 piece.span.cu_keys.cpu(), scale)
+        out[rows] = merge_attention(o, s, out[rows], lse[rows])
+        lse[rows] = torch.logaddexp2(s, lse[rows])
+    for i in (0, 2):
+        ctx = seq_lens[i] - q_lens[i]
+        k, v = context_kv(codec, cache, table, lens, torch.tensor([0, 0, 0]),
+                          torch.tensor([ctx if j == i else 0 for j in range(3)]))
+        rows = slice(int(qsl[i]), int(qsl[i + 1]))
+        want, _ = _varlen_reference(query[rows], k, v, [0, q_lens[i]], [0, ctx], scale)
+        assert _rel_err(out[rows], want) <= 1e-2, i

@@ -18,5 +18,6 @@ __all__ = [
     "is_turboquant_dtype", "split_sizes", "codebook_mse", "lloyd_max_centroids", "LayerKVCodec",
     "PageLayout", "page_layout", "default_split", "split_from_energy", "split_from_vectors",
     "GroupQuantizer", "QuantizedVectors", "TensorCodec", "tensor_codec", "qjl_constant",
-    "qjl_matrix", "random_rotation", "RecentTokens", "attend_packed", "context_kv", "dense_attention", "paged_attention",
+    "qjl_matrix", "random_rotation", "RecentTokens", "attend_packed", "context_kv",
+    "dense_attention", "paged_attention",
 ]

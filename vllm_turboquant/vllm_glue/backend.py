@@ -253,7 +253,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             valid = slot_mapping >= 0
             if not bool(valid.any()):
                 if key.is_cuda:  # build device tables and compile now, never inside a capture
-                    self._prepare_kernels(codec, key.device)
+                    self._prepare_kernels(codec, key.device, key.dtype)
                 return  # a dummy run: nothing to store, nothing to learn from
             codec.calibrate(key[valid], value[valid])
         pages = kv_cache.view(kv_cache.shape[0], -1)
@@ -285,14 +285,15 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 slot_mapping, m.query_start_loc_device[: num_reqs + 1], m.seq_lens_device[:num_reqs])
         return m.recent_entries
 
-    def _prepare_kernels(self, codec: LayerKVCodec, device: torch.device) -> None:
+    def _prepare_kernels(self, codec: LayerKVCodec, device: torch.device,
+                         dtype: torch.dtype) -> None:
         if getattr(self, "_kernels_ready", False):
             return
         from ..kernels.cache_write import device_constants
         from ..kernels.paged_attention import warm_up
 
         device_constants(codec, device)
-        warm_up(codec, self.num_heads, device, self.sliding_window, self.recent)
+        warm_up(codec, self.num_heads, device, self.sliding_window, self.recent, dtype)
         self._kernels_ready = True
 
     def _kv_block_size(self, kv_cache: torch.Tensor) -> int:
