@@ -345,16 +345,23 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         from ..kernels.paged_attention import merge_attention
 
         out, lse = new[0].float(), _base2_lse(new[1])
-        for ctx in m.context:
-            # Sliding-window layers read only their window: the paged kernel suits them.
-            for part in (ctx.pieces if ctx.pieces and self.sliding_window is None else (ctx,)):
-                rows = part.queries.rows if isinstance(part, DensePiece) else part.rows
-                if isinstance(part, DensePiece):
-                    ctx_out, ctx_lse = self._dense_context(q[rows], kv_cache, m, part)
-                else:
-                    ctx_out, ctx_lse = self._cached_attention(q[rows], kv_cache, m, part)
-                out[rows] = merge_attention(ctx_out, ctx_lse, out[rows], lse[rows])
+        for rows, ctx_out, ctx_lse in self._context_reads(q, kv_cache, m):
+            # A row cut across dense pieces merges more than once: keep its lse current.
+            out[rows] = merge_attention(ctx_out, ctx_lse, out[rows], lse[rows])
+            lse[rows] = torch.logaddexp2(ctx_lse, lse[rows])
         return out
+
+    def _context_reads(self, q: torch.Tensor, kv_cache: torch.Tensor, m: TurboQuantMetadata):
+        """(rows, out, base-2 lse) of each read of the context cached before a multi-token step:
+        a long-chunk group piece by piece, densely; the other groups, and every group of a
+        sliding-window layer (it reads only its window), through the paged kernel."""
+        for ctx in m.context:
+            if ctx.pieces and self.sliding_window is None:
+                for piece in ctx.pieces:
+                    rows = piece.queries.rows
+                    yield rows, *self._dense_context(q[rows], kv_cache, m, piece)
+            else:
+                yield ctx.rows, *self._cached_attention(q[ctx.rows], kv_cache, m, ctx)
 
     def _dense_context(self, q: torch.Tensor, kv_cache: torch.Tensor, m: TurboQuantMetadata,
                        piece: DensePiece) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,7 +378,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         out, lse = _flash_varlen(q.to(dtype), k, v, qs.query_start_loc, qs.max_query_len,
                                  piece.span.cu_keys, piece.span.max_keys, self.scale,
                                  causal=False, window=None, return_lse=True)
-        return out.float(), _base2_lse(lse)
+        lse = _base2_lse(lse)
+        # A row left with no key (only if the host over-stated its context) must weigh nothing.
+        return out.float().masked_fill(torch.isneginf(lse)[..., None], 0.0), lse
 
     def _cached_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, m: TurboQuantMetadata,
                           context: ContextQueries | None = None):
