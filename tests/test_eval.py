@@ -20,9 +20,11 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 BOUNDS = {  # dtype: (max PPL increase vs auto, max mean KL (top-20), min top-1 agreement)
     "turboquant_3.5_mse": (0.04, 0.045, 0.86),
+    "turboquant_3.5_kb": (0.04, 0.045, 0.86),
     "turboquant_2.5_mse": (0.15, 0.12, 0.79),
 }
-LM_EVAL_WORD_PPL = {"turboquant_3.5_mse": 0.07, "turboquant_2.5_mse": 0.18}  # max increase
+LM_EVAL_WORD_PPL = {"turboquant_3.5_mse": 0.07, "turboquant_3.5_kb": 0.07,
+                    "turboquant_2.5_mse": 0.18}  # max increase
 
 
 def test_reduced_eval_runs_and_no_format_regresses(tmp_path, report):

@@ -5,7 +5,7 @@ from vllm_turboquant.codec import FORMATS, page_layout, split_sizes
 from vllm_turboquant.codec.formats import check_head_size, get_format
 
 # Bytes per token per KV head (K + V) at head_dim 128, from the product spec (bf16: 512).
-SPEC_D128 = {"turboquant_3.5": 114, "turboquant_3.5_mse": 112,
+SPEC_D128 = {"turboquant_3.5": 114, "turboquant_3.5_mse": 112, "turboquant_3.5_kb": 112,
              "turboquant_2.5": 82, "turboquant_2.5_mse": 80}
 
 
@@ -14,6 +14,7 @@ def expected_bytes(name: str, d: int) -> int:
     n_o, n_r = split_sizes(d)
     bits = {"turboquant_3.5": ((3, 2, True), (4, 3, False)),
             "turboquant_3.5_mse": ((4, 3, False), (4, 3, False)),
+            "turboquant_3.5_kb": ((4, 4, False), (4, 2, False)),
             "turboquant_2.5": ((2, 1, True), (3, 2, False)),
             "turboquant_2.5_mse": ((3, 2, False), (3, 2, False))}[name]
     total = 0

@@ -21,7 +21,7 @@ from .vllm_support import CHUNK, dummy_gemma3, dummy_llama, engine, kv_capacity_
 
 pytestmark = pytest.mark.slow
 
-MIN_TOP1 = {"turboquant_3.5": 0.75, "turboquant_3.5_mse": 0.75,
+MIN_TOP1 = {"turboquant_3.5": 0.75, "turboquant_3.5_mse": 0.75, "turboquant_3.5_kb": 0.75,
             "turboquant_2.5": 0.55, "turboquant_2.5_mse": 0.55}
 TEXT_TOKENS = 1088       # ≥ 1,000 tokens of real text, 17 chunks
 PREFIX_TOKENS = 640      # shared prefix (≥ 512) for the prefix-caching check

@@ -71,6 +71,13 @@ FORMATS: dict[str, KVFormat] = {
             description="keys and values TurboQuant_mse 4/3-bit",
         ),
         KVFormat(
+            "turboquant_3.5_kb",
+            key=TensorFormat("mse", 4, 4),
+            value=TensorFormat("mse", 4, 2),
+            description="key-biased 3.5: keys TurboQuant_mse 4/4-bit, values 4/2-bit (the bytes "
+                        "of turboquant_3.5_mse; keys cause most of the loss)",
+        ),
+        KVFormat(
             "turboquant_2.5",
             key=TensorFormat("prod", 2, 1),
             value=TensorFormat("mse", 3, 2),
