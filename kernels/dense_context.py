@@ -17,7 +17,7 @@ import torch
 
 from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 
-from . import tq_dequant
+from . import to_device_async, tq_dequant
 from .paged_attention import AttentionConstants, page_constants
 
 BLOCK_N = 64  # positions per program
@@ -42,12 +42,9 @@ def context_span(starts: torch.Tensor, ends: torch.Tensor, device: torch.device,
     """Positions [starts[i], ends[i]) (host int tensors [num_seqs]) of each sequence, ends clipped
     on the device to limit[i] (device [num_seqs]: where each cached context really ends, for
     host lengths that are only upper bounds)."""
-    def to_dev(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(torch.int32)
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
     n_host = (ends - starts).clamp(min=0)
-    s, e = to_dev(starts), to_dev(ends)
+    s = to_device_async(starts.to(torch.int32), device)
+    e = to_device_async(ends.to(torch.int32), device)
     if limit is not None:
         e = torch.minimum(e, limit.to(torch.int32))
     n = (e - s).clamp(min=0)

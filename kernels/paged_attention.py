@@ -79,29 +79,27 @@ class AttentionConstants:
             codebooks[i, : c.numel()] = c
         tables = torch.stack([lut_tables(q.centroids, bits) for q, bits in groups]
                              + [lut_tables(signs, 1)])
-        qjl = (kc.qjl.float() * kc.qjl_scale)[perm][:, perm] if kc.fmt.has_qjl else torch.zeros(1)
+        qjl = (kc.qjl.float() * kc.qjl_scale)[perm][:, perm] if kc.fmt.has_qjl else None
+        r_k_tiles = torch.block_diag(kc.outlier.rotation, kc.regular.rotation).float()[perm]
         r_v_tiles = torch.block_diag(vc.outlier.rotation, vc.regular.rotation).float()[perm]
+        # Per KV head, tile-ordered rotated keys → original channels. Its transpose takes queries
+        # the other way (split gather, rotation, tile order) in one GEMM; for QJL keys S·q rides
+        # along as d more columns, and the dense read (tq_dequant.py) takes sign tiles back
+        # through Sᵀ first.
+        k_back = _back_rotations(r_k_tiles, codec.key_perm)                 # [Hkv, d, d]
+        q_rotation = k_back.transpose(1, 2)
+        if qjl is not None:
+            q_rotation = torch.cat([q_rotation, q_rotation @ qjl.T], dim=-1)  # [Hkv, d, 2d]
         fresh = dict(
-            r_k=torch.block_diag(kc.outlier.rotation, kc.regular.rotation).to(**f32)[perm],
-            codebooks=codebooks.to(dev, torch.float16), tables=tables.to(dev), qjl=qjl.to(**f32),
-            key_perm=codec.key_perm.to(dev).repeat_interleave(g, 0),       # [Hq, d]
+            codebooks=codebooks.to(dev, torch.float16), tables=tables.to(dev),
+            q_rotation=q_rotation.repeat_interleave(g, 0).to(**f32),        # [Hq, d, d or 2d]
             key_mean=codec.key_mean.to(**f32).repeat_interleave(g, 0),      # [Hq, d]
             value_mean=codec.value_mean.to(**f32).unsqueeze(1),             # [Hkv, 1, d]
             r_back=_back_rotations(r_v_tiles, codec.value_perm).to(**f32),  # [Hkv, d, d]
+            k_back=k_back.to(**f32),
+            qjl_back=(qjl @ k_back if qjl is not None else torch.zeros(1)).to(**f32),
+            key_mean_kv=codec.key_mean.to(**f32),                           # [Hkv, d]
         )
-        # Dense reads (tq_dequant.py) take decoded key tiles back the same way; for QJL keys the
-        # sign tiles through Sᵀ first. Keys come back with their mean, per KV head.
-        # Queries: gather the split order, rotate, tile order (and S·q) as one matrix per query
-        # head: row key_perm[j] of W is row j of r_kᵀ.
-        r_k_t = fresh["r_k"].T.cpu()
-        w = torch.stack([r_k_t[torch.argsort(p)] for p in codec.key_perm.cpu()])  # [Hkv, d, d]
-        if kc.fmt.has_qjl:
-            w = torch.cat([w, w @ qjl.T], dim=-1)                                 # [Hkv, d, 2d]
-        fresh["q_rotation"] = w.repeat_interleave(g, 0).to(**f32)
-        k_back = _back_rotations(fresh["r_k"].cpu(), codec.key_perm)
-        qjl_back = qjl.cpu() @ k_back if kc.fmt.has_qjl else torch.zeros(1)
-        fresh.update(k_back=k_back.to(**f32), qjl_back=qjl_back.to(**f32),
-                     key_mean_kv=codec.key_mean.to(**f32))
         for name, t in fresh.items():
             if self.version is None:
                 setattr(self, name, t.contiguous())
@@ -122,11 +120,12 @@ class AttentionConstants:
         return c
 
 
-def _back_rotations(r_v: torch.Tensor, value_perm: torch.Tensor) -> torch.Tensor:
-    """Per KV head, the matrix taking a tile-ordered, rotated value accumulator to the original
-    channels: rotate back (r_v), then put split channel j at value_perm[j] (a column permutation)."""
-    inverse = torch.argsort(value_perm.cpu(), dim=-1)                # [Hkv, d]
-    return torch.stack([r_v[:, inv] for inv in inverse])
+def _back_rotations(r: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Per KV head, the matrix taking tile-ordered, rotated vectors (value accumulators, decoded
+    keys) to the original channels: rotate back (r, rows in tile order), then put split channel j
+    at perm[h, j] (a column permutation)."""
+    inverse = torch.argsort(perm.cpu(), dim=-1)                      # [Hkv, d]
+    return torch.stack([r[:, inv] for inv in inverse])
 
 
 def channel_chunks(head_dim: int) -> int:

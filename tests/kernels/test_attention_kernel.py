@@ -118,11 +118,13 @@ def test_constants_follow_calibration_in_place(gen):
     from vllm_turboquant.kernels.paged_attention import AttentionConstants
 
     before = AttentionConstants.of(codec, 2, torch.device(DEVICE))
-    ptr = before.key_perm.data_ptr()
+    ptr, uncalibrated = before.q_rotation.data_ptr(), before.q_rotation.clone()
     codec.calibrate(torch.randn(32, 1, 64, generator=gen) * 3, torch.randn(32, 1, 64, generator=gen))
     after = AttentionConstants.of(codec, 2, torch.device(DEVICE))
-    assert after is before and after.key_perm.data_ptr() == ptr
-    assert torch.equal(after.key_perm[0].cpu(), codec.key_perm[0].cpu())
+    assert after is before and after.q_rotation.data_ptr() == ptr
+    rebuilt = AttentionConstants(codec, 2, torch.device(DEVICE))  # from the calibrated codec
+    assert not torch.equal(rebuilt.q_rotation, uncalibrated)  # calibration moved the split
+    assert torch.equal(after.q_rotation, rebuilt.q_rotation)
 
 
 def test_sliding_window_never_reads_pages_before_the_window(gen):

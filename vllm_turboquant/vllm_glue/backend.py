@@ -32,6 +32,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from ..codec import LayerKVCodec, RecentTokens, dense_attention, page_layout, paged_attention
 from ..codec.formats import FORMATS, SUPPORTED_HEAD_SIZES, is_turboquant_dtype
 from ..codec.layout import BLOCK_SIZE_MULTIPLE
+from ..kernels import to_device_async
 from . import options
 
 if TYPE_CHECKING:
@@ -447,11 +448,13 @@ def _context_queries(qsl: torch.Tensor, seq_lens: torch.Tensor, device: torch.de
         if bool(sel.any()):
             groups.append(_group(sel, qsl, device))
     if dense_tokens and groups and not bool(short[has_ctx].all()):
+        from ..kernels.dense_context import context_span
+
         limit = seq_lens_device - (qsl_device[1:] - qsl_device[:-1])  # exact context lengths
         pieces = _dense_pieces(has_ctx & ~short, seq_lens - q_lens, dense_tokens)
-        groups[-1].pieces = tuple(
-            DensePiece(_group(ends > starts, qsl, device), _span(starts, ends, device, limit))
-            for starts, ends in pieces)
+        groups[-1].pieces = tuple(DensePiece(_group(ends > starts, qsl, device),
+                                             context_span(starts, ends, device, limit))
+                                  for starts, ends in pieces)
     return tuple(groups)
 
 
@@ -462,8 +465,8 @@ def _group(sel: torch.Tensor, qsl: torch.Tensor, device: torch.device) -> Contex
     sub_qsl = torch.zeros(qsl.shape[0], dtype=torch.int32)
     torch.cumsum(kept, 0, out=sub_qsl[1:])
     tokens = torch.repeat_interleave(sel, q_lens.long()).nonzero().squeeze(1)
-    return ContextQueries(tokens=_to_device(tokens, device),
-                          query_start_loc=_to_device(sub_qsl, device),
+    return ContextQueries(tokens=to_device_async(tokens, device),
+                          query_start_loc=to_device_async(sub_qsl, device),
                           max_query_len=int(kept.max()), num_step_tokens=int(qsl[-1]),
                           every_token=bool(sel.all()))
 
@@ -488,17 +491,6 @@ def _dense_pieces(sel: torch.Tensor, ctx_lens: torch.Tensor,
     if used:
         pieces.append((starts, ends))
     return pieces
-
-
-def _span(starts: torch.Tensor, ends: torch.Tensor, device: torch.device,
-          limit: torch.Tensor) -> "ContextSpan":
-    from ..kernels.dense_context import context_span
-
-    return context_span(starts, ends, device, limit)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _fa_dtype(q: torch.Tensor) -> torch.dtype:
