@@ -8,6 +8,7 @@ from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 from vllm_turboquant.codec.quantizer import TensorCodec
 
 from . import next_pow2, tq_write
+from .launch import launch
 
 BLOCK_T = 16
 # At head_dim 256 the fp32 [256, 256] rotation and QJL tiles need 272 KB of shared memory (H100:
@@ -84,7 +85,8 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
     k_stage, v_stage, tags = (recent.key, recent.value, recent.tag) if staged else (cache,) * 3
     for prefix, tc, c, x, stage in (("k", codec.key, kconst, key, k_stage),
                                     ("v", codec.value, vconst, value, v_stage)):
-        tq_write.tq_write_kernel[(triton.cdiv(n, BLOCK_T), lay.num_kv_heads)](
+        launch(
+            tq_write.tq_write_kernel, (triton.cdiv(n, BLOCK_T), lay.num_kv_heads),
             x[:n].contiguous(), slots, cache, c.mean, c.perm, c.r_o, c.r_r, c.b_o, c.b_r,
             c.c_o, c.c_r, c.s_o, c.s_r, entries if staged else slots, stage, tags,
             n, lay.page_bytes, lay.head_stride,

@@ -18,6 +18,7 @@ import torch
 from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 
 from . import to_device_async, tq_dequant
+from .launch import launch
 from .paged_attention import AttentionConstants, page_constants
 
 BLOCK_N = 64  # positions per program
@@ -72,7 +73,8 @@ def dequantize_context(codec: LayerKVCodec, cache: torch.Tensor, block_table: to
     if span.max_tiles == 0:
         return k, v
     st = (recent.key, recent.value, recent.tag) if recent is not None else (cache, cache, cache)
-    tq_dequant.tq_dequant_kernel[(span.max_tiles, lay.num_kv_heads)](
+    launch(
+        tq_dequant.tq_dequant_kernel, (span.max_tiles, lay.num_kv_heads),
         cache, block_table, seq_lens, span.starts, span.cu_keys, span.cu_tiles, c.codebooks,
         c.tables, c.k_back, c.qjl_back, c.r_back, c.key_mean_kv, c.value_mean, k, v, *st,
         block_table.stride(0), lay.page_bytes, lay.head_stride, seq_lens.shape[0],

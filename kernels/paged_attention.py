@@ -18,6 +18,7 @@ import torch
 from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 
 from . import next_pow2, tq_attention, tq_merge
+from .launch import compiling_only, launch
 from .lut_unpack import lut_tables, word_order
 
 LOG2E = 1.4426950408889634
@@ -244,10 +245,11 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         if num_stages is not None:  # else Triton's default
             meta["num_stages"] = num_stages
     kernel = tq_attention.tq_attention_kernel
-    kernel[(max_tiles, lay.num_kv_heads, num_splits)](*args, BLOCK_N=block_n, TAIL=False, **meta)
+    launch(kernel, (max_tiles, lay.num_kv_heads, num_splits), *args, BLOCK_N=block_n, TAIL=False,
+           **meta)
     if recent is not None:
-        kernel[(max_tiles, lay.num_kv_heads, 1)](*args, BLOCK_N=min(block_n, _TAIL_BLOCK_N),
-                                                 TAIL=True, **meta)
+        launch(kernel, (max_tiles, lay.num_kv_heads, 1), *args,
+               BLOCK_N=min(block_n, _TAIL_BLOCK_N), TAIL=True, **meta)
 
     # Merge the splits (tq_merge.py, head-major), then one batched GEMM per KV head (its query
     # heads are adjacent rows) rotates back, undoing the tile order and the outlier/regular split
@@ -255,7 +257,8 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     y = torch.empty(hq, num_tokens, d, **f32)
     lse = torch.empty(num_tokens, hq, **f32) if return_lse else y
     if num_tokens:
-        tq_merge.tq_merge_kernel[(num_tokens, hq)](
+        launch(
+            tq_merge.tq_merge_kernel, (num_tokens, hq),
             part_m, part_l, part_o, query.contiguous() if return_lse else y, c.key_mean, y, lse,
             num_tokens, slots, scale * LOG2E, HQ=hq, D=d, BLOCK_S=_MERGE_BLOCK_S,
             HAS_LSE=return_lse, num_warps=2)
@@ -287,12 +290,29 @@ def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
 def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
             sliding_window: int | None = None, recent: RecentTokens | None = None,
             dtype: torch.dtype = torch.bfloat16) -> None:
-    """Compile the kernel variants vLLM's steps use now (engine start-up), on two scratch pages,
-    so no request ever waits for Triton's JIT. dtype: the model's (queries, dense K/V)."""
+    """Compile the kernel variants vLLM's steps use now (engine start-up), so no request ever
+    waits for Triton's JIT: all at once on threads, then run each once on two scratch pages
+    (which loads its module outside any CUDA-graph capture). dtype: the model's (queries, K/V)."""
+    with compiling_only():
+        _run_variants(codec, num_q_heads, device, sliding_window, recent, dtype)
+    _run_variants(codec, num_q_heads, device, sliding_window, recent, dtype)
+
+
+def _run_variants(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
+                  sliding_window: int | None, recent: RecentTokens | None,
+                  dtype: torch.dtype) -> None:
+    from .cache_write import write_kv
+    from .dense_context import context_span, dequantize_context
+
     lay = codec.layout
     pages = torch.zeros(2, lay.page_bytes, dtype=torch.uint8, device=device)
     table = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
     lens = torch.tensor([lay.block_size + 1], dtype=torch.int32, device=device)
+    # The write of a step's new tokens (slot -1: nothing is stored, nothing staged).
+    kv = torch.zeros(1, lay.num_kv_heads, lay.head_dim, device=device, dtype=dtype)
+    skip = torch.full((1,), -1, dtype=torch.long, device=device)
+    write_kv(codec, pages, skip, kv, kv, recent,
+             skip.int() if recent is not None else None)
     # Decode; and over the context only, single- and multi-token tiles: the backend's mixed steps
     # (where only decodes have context the tiles are single-token). Without FlashAttention,
     # multi-token steps run causal over everything and compile at first use.
@@ -302,7 +322,5 @@ def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
         varlen_attention(codec, query, pages, table, lens, qsl, 1.0, q_len, sliding_window,
                          recent=recent, context_only=context_only, return_lse=context_only)
     if sliding_window is None:  # long chunks' dense context reads
-        from .dense_context import context_span, dequantize_context
-
         span = context_span(torch.tensor([0]), lens.cpu(), device)
         dequantize_context(codec, pages, table, lens, span, num_q_heads, dtype, recent)
