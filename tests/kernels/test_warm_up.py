@@ -1,17 +1,19 @@
 """Engine start-up compiles, in parallel, every kernel variant a step then uses (kernels/launch.py).
 
-GPU only: Triton's interpreter compiles nothing. The layer shape (5 query heads over 1 KV head,
-head_dim 64, blocks of 32) is one no other test uses, so its variants are not compiled yet."""
+Under Triton's interpreter (CPU) nothing compiles: warm-up and the steps still run every variant.
+The layer shape (5 query heads over 1 KV head, head_dim 64, blocks of 32) is one no other test
+uses, so on a GPU its variants are not compiled yet."""
 import pytest
 import torch
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles for a GPU")
 
 from vllm_turboquant.codec import LayerKVCodec, RecentTokens, page_layout  # noqa: E402
 
-from .test_packed_attention import build_cache  # noqa: E402
+from ..test_packed_attention import build_cache  # noqa: E402
 
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 HQ, HKV, D, BS = 5, 1, 64, 32
 
 
@@ -20,7 +22,8 @@ def _compiled_variants() -> int:
 
     kernels = (tq_attention.tq_attention_kernel, tq_merge.tq_merge_kernel,
                tq_dequant.tq_dequant_kernel, tq_write.tq_write_kernel)
-    return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+    return sum(len(cache[0]) for k in kernels  # the interpreter keeps no compiled variants
+               for cache in getattr(k, "device_caches", {}).values())
 
 
 def _codec(gen) -> LayerKVCodec:
@@ -34,12 +37,12 @@ def test_steps_after_warm_up_compile_nothing(gen):
     from vllm_turboquant.kernels.dense_context import context_span, dequantize_context
     from vllm_turboquant.kernels.paged_attention import varlen_attention, warm_up
 
-    codec, dev = _codec(gen), torch.device("cuda")
+    codec, dev = _codec(gen), DEVICE
     recent = RecentTokens(rows=4, window=16, num_kv_heads=HKV, head_dim=D, device=dev)
     before = _compiled_variants()
     warm_up(codec, HQ, dev, None, recent, torch.bfloat16)
     warmed = _compiled_variants()
-    assert warmed > before, "warm-up compiled nothing for a new layer shape"
+    assert warmed > before or not ON_GPU, "warm-up compiled nothing for a new layer shape"
 
     seq_lens = [70, 33, 5]
     cache, table, _ = build_cache(codec, seq_lens, gen, num_blocks=8)
@@ -59,22 +62,20 @@ def test_steps_after_warm_up_compile_nothing(gen):
     new = torch.randn(3, HKV, D, **bf16)
     write_kv(codec, cache, torch.tensor([70, 71, -1], device=dev), new, new, recent,
              torch.tensor([5, -1, -1], dtype=torch.int32, device=dev))
-    torch.cuda.synchronize()
     assert _compiled_variants() == warmed, "a step after warm-up compiled a new variant"
 
 
-def test_launches_inside_compiling_only_run_nothing(gen):
+def test_launches_inside_compiling_only_only_compile(gen):
     from vllm_turboquant.kernels.cache_write import write_kv
     from vllm_turboquant.kernels.launch import compiling_only
 
-    codec, dev = _codec(gen), torch.device("cuda")
+    codec, dev = _codec(gen), DEVICE
     pages = torch.zeros(2, codec.layout.page_bytes, dtype=torch.uint8, device=dev)
     kv = torch.randn(3, HKV, D, dtype=torch.float16, device=dev)  # a dtype warm-up never used
     slots = torch.tensor([0, 1, 40], device=dev)
     with compiling_only():
         write_kv(codec, pages, slots, kv, kv)
-    torch.cuda.synchronize()
-    assert not pages.any(), "a launch inside compiling_only() ran"
+    # On a GPU the block only compiled; under the interpreter (nothing to compile) it ran.
+    assert bool(pages.any()) == (not ON_GPU), "compiling_only() ran a launch on the GPU"
     write_kv(codec, pages, slots, kv, kv)
-    torch.cuda.synchronize()
     assert pages.any()
