@@ -8,7 +8,7 @@ from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 from vllm_turboquant.codec.quantizer import TensorCodec
 
 from . import next_pow2, tq_write
-from .launch import launch
+from .launch import VariantLauncher
 
 BLOCK_T = 16
 # At head_dim 256 the fp32 [256, 256] rotation and QJL tiles need 272 KB of shared memory (H100:
@@ -80,21 +80,34 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
             recent.write(codec, cache, slots, entries, key, value)
         return
     kconst, vconst = device_constants(codec, key.device)
-    off = {name: r.offset for name, r in lay.regions.items()}
     staged = recent is not None  # without it the staging pointers are never dereferenced
     k_stage, v_stage, tags = (recent.key, recent.value, recent.tag) if staged else (cache,) * 3
-    for prefix, tc, c, x, stage in (("k", codec.key, kconst, key, k_stage),
-                                    ("v", codec.value, vconst, value, v_stage)):
-        launch(
-            tq_write.tq_write_kernel, (triton.cdiv(n, BLOCK_T), lay.num_kv_heads),
-            x[:n].contiguous(), slots, cache, c.mean, c.perm, c.r_o, c.r_r, c.b_o, c.b_r,
-            c.c_o, c.c_r, c.s_o, c.s_r, entries if staged else slots, stage, tags,
-            n, lay.page_bytes, lay.head_stride,
-            H=lay.num_kv_heads, D=lay.head_dim, N_O=tc.n_o, N_R=tc.n_r, N_R_PAD=c.n_r_pad,
-            BS=lay.block_size, BLOCK_T=BLOCK_T, BO=tc.fmt.outlier_bits, BR=tc.fmt.regular_bits,
-            HAS_QJL=tc.fmt.has_qjl, NORM_CORRECTION=tc.outlier.norm_correction,
-            OFF_CO=off[f"{prefix}.codes_o"], OFF_CR=off[f"{prefix}.codes_r"],
-            OFF_S=off.get(f"{prefix}.signs", 0), OFF_GO=off[f"{prefix}.gamma_o"],
-            OFF_GR=off[f"{prefix}.gamma_r"], OFF_RN=off.get(f"{prefix}.rnorm", 0),
-            HAS_STAGE=staged, IS_KEY=prefix == "k",
-        )
+    k_write, v_write = _write_launchers(codec, kconst, vconst, staged)
+    for write, c, x, stage in ((k_write, kconst, key, k_stage), (v_write, vconst, value, v_stage)):
+        write((triton.cdiv(n, BLOCK_T), lay.num_kv_heads),
+              x[:n].contiguous(), slots, cache, c.mean, c.perm, c.r_o, c.r_r, c.b_o, c.b_r,
+              c.c_o, c.c_r, c.s_o, c.s_r, entries if staged else slots, stage, tags,
+              n, lay.page_bytes, lay.head_stride)
+
+
+def _write_launchers(codec: LayerKVCodec, kconst: _TensorConstants, vconst: _TensorConstants,
+                     staged: bool) -> tuple[VariantLauncher, VariantLauncher]:
+    """The K and V write launchers of a codec (built once: their constants are the layout's)."""
+    cache = codec.__dict__.setdefault("_write_launchers", {})
+    entry = cache.get((id(kconst), staged))  # one constants object per device
+    if entry is None:
+        lay = codec.layout
+        off = {name: r.offset for name, r in lay.regions.items()}
+        entry = cache[(id(kconst), staged)] = tuple(
+            VariantLauncher(
+                tq_write.tq_write_kernel,
+                H=lay.num_kv_heads, D=lay.head_dim, N_O=tc.n_o, N_R=tc.n_r, N_R_PAD=c.n_r_pad,
+                BS=lay.block_size, BLOCK_T=BLOCK_T, BO=tc.fmt.outlier_bits,
+                BR=tc.fmt.regular_bits, HAS_QJL=tc.fmt.has_qjl,
+                NORM_CORRECTION=tc.outlier.norm_correction,
+                OFF_CO=off[f"{prefix}.codes_o"], OFF_CR=off[f"{prefix}.codes_r"],
+                OFF_S=off.get(f"{prefix}.signs", 0), OFF_GO=off[f"{prefix}.gamma_o"],
+                OFF_GR=off[f"{prefix}.gamma_r"], OFF_RN=off.get(f"{prefix}.rnorm", 0),
+                HAS_STAGE=staged, IS_KEY=prefix == "k")
+            for prefix, tc, c in (("k", codec.key, kconst), ("v", codec.value, vconst)))
+    return entry

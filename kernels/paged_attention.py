@@ -18,7 +18,7 @@ import torch
 from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 
 from . import next_pow2, tq_attention, tq_merge
-from .launch import compiling_only, launch
+from .launch import VariantLauncher, compiling_only
 from .lut_unpack import lut_tables, word_order
 
 LOG2E = 1.4426950408889634
@@ -62,7 +62,9 @@ class AttentionConstants:
         self.unit = 32 if kc.n_o % 32 == 0 else 16  # channels per plane word (16 at d = 64)
         self.device = device
         self.version = None
-        self.launch_meta: dict[tuple, dict] = {}  # the layout's, so calibration never changes it
+        # The kernels' launchers per variant: their compile-time constants are the layout's, so
+        # calibration never changes them.
+        self.launchers: dict[tuple, tuple] = {}
         self.refresh(codec)
 
     def refresh(self, codec: LayerKVCodec) -> None:
@@ -232,24 +234,18 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
             lay.head_stride, per_split,
             slots, num_seqs, sliding_window or _NO_WINDOW,
             recent.rows if recent is not None else 0, recent.window if recent is not None else 1)
-    # The launch's compile-time constants, built once per variant (this runs every layer, every
-    # step, on the host).
-    variant = (hq, block_q, block_m, context_only, recent is not None, num_warps, num_stages,
-               query.device.type)
-    meta = c.launch_meta.get(variant)
-    if meta is None:
-        meta = c.launch_meta[variant] = dict(
-            HQ=hq, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m,
-            CONTEXT_ONLY=context_only, **page_constants(codec, c, query.device, recent),
-            num_warps=num_warps)
-        if num_stages is not None:  # else Triton's default
-            meta["num_stages"] = num_stages
-    kernel = tq_attention.tq_attention_kernel
-    launch(kernel, (max_tiles, lay.num_kv_heads, num_splits), *args, BLOCK_N=block_n, TAIL=False,
-           **meta)
+    # The launchers of this variant, built once (this runs every layer, every step, on the host).
+    variant = (hq, block_q, block_m, block_n, context_only, recent is not None, return_lse,
+               num_warps, num_stages, query.device.type)
+    launchers = c.launchers.get(variant)
+    if launchers is None:
+        launchers = c.launchers[variant] = _attention_launchers(
+            codec, c, query.device, recent, hq, g_p2, block_q, block_m, block_n, context_only,
+            return_lse, num_warps, num_stages)
+    main, tail, merge = launchers
+    main((max_tiles, lay.num_kv_heads, num_splits), *args)
     if recent is not None:
-        launch(kernel, (max_tiles, lay.num_kv_heads, 1), *args,
-               BLOCK_N=min(block_n, _TAIL_BLOCK_N), TAIL=True, **meta)
+        tail((max_tiles, lay.num_kv_heads, 1), *args)
 
     # Merge the splits (tq_merge.py, head-major), then one batched GEMM per KV head (its query
     # heads are adjacent rows) rotates back, undoing the tile order and the outlier/regular split
@@ -257,15 +253,29 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     y = torch.empty(hq, num_tokens, d, **f32)
     lse = torch.empty(num_tokens, hq, **f32) if return_lse else y
     if num_tokens:
-        launch(
-            tq_merge.tq_merge_kernel, (num_tokens, hq),
-            part_m, part_l, part_o, query.contiguous() if return_lse else y, c.key_mean, y, lse,
-            num_tokens, slots, scale * LOG2E, HQ=hq, D=d, BLOCK_S=_MERGE_BLOCK_S,
-            HAS_LSE=return_lse, num_warps=2)
+        merge((num_tokens, hq), part_m, part_l, part_o, query.contiguous() if return_lse else y,
+              c.key_mean, y, lse, num_tokens, slots, scale * LOG2E)
     hkv = lay.num_kv_heads
     out = torch.baddbmm(c.value_mean, y.view(hkv, -1, d), c.r_back)
     out = out.view(hq, num_tokens, d).transpose(0, 1)
     return (out, lse) if return_lse else out
+
+
+def _attention_launchers(codec: LayerKVCodec, c: AttentionConstants, device: torch.device,
+                         recent: RecentTokens | None, hq: int, g_p2: int, block_q: int,
+                         block_m: int, block_n: int, context_only: bool, return_lse: bool,
+                         num_warps: int, num_stages: int | None) -> tuple:
+    """(main, exact-copy tail, merge) launchers of one attention variant."""
+    meta = dict(HQ=hq, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m,
+                CONTEXT_ONLY=context_only, **page_constants(codec, c, device, recent),
+                num_warps=num_warps)
+    if num_stages is not None:  # else Triton's default
+        meta["num_stages"] = num_stages
+    kernel = tq_attention.tq_attention_kernel
+    return (VariantLauncher(kernel, BLOCK_N=block_n, TAIL=False, **meta),
+            VariantLauncher(kernel, BLOCK_N=min(block_n, _TAIL_BLOCK_N), TAIL=True, **meta),
+            VariantLauncher(tq_merge.tq_merge_kernel, HQ=hq, D=codec.layout.head_dim,
+                            BLOCK_S=_MERGE_BLOCK_S, HAS_LSE=return_lse, num_warps=2))
 
 
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,

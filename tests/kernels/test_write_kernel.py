@@ -61,3 +61,27 @@ def test_write_kernel_stages_the_newest_tokens_like_the_codec(name, d, gen):
     assert (tag[..., 1] == want.tag[..., 1]).float().mean().item() >= 0.95
     torch.testing.assert_close(got.key.cpu(), want.key, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got.value.cpu(), want.value, rtol=2e-3, atol=2e-3)
+
+
+def test_repeated_writes_follow_their_arguments(gen):
+    """Steps after the first launch their variant directly (kernels/launch.py): a step whose
+    arguments Triton would specialize differently (slots at an odd offset, keys in another
+    dtype) must still write what the codec writes, and so must the next aligned step."""
+    lay = page_layout("turboquant_3.5_mse", 64, 16, 2)
+    codec = LayerKVCodec(lay)
+    k = torch.randn(48, 2, 64, generator=gen) * 2 + 0.5
+    v = torch.randn(48, 2, 64, generator=gen)
+    codec.calibrate(k, v)
+    slots = torch.randperm(4 * 16, generator=gen)[:49]
+    want = torch.zeros(4, lay.page_bytes, dtype=torch.uint8)
+    got = torch.zeros(4, lay.page_bytes, dtype=torch.uint8, device=DEVICE)
+    dev_slots = slots.to(DEVICE)
+    steps = [(slice(0, 16), dev_slots[:16], torch.bfloat16),       # aligned: resolves the variant
+             (slice(16, 32), dev_slots[17:33], torch.bfloat16),    # slots 8 bytes off alignment
+             (slice(32, 40), dev_slots[33:41], torch.float16),     # another key dtype
+             (slice(40, 48), dev_slots[41:49].clone(), torch.bfloat16)]  # aligned again
+    for rows, s, dtype in steps:
+        k_in, v_in = k[rows].to(dtype), v[rows].to(dtype)  # the model's dtype, for both writers
+        codec.write(want, s.cpu(), k_in.float(), v_in.float())
+        write_kv(codec, got, s, k_in.to(DEVICE), v_in.to(DEVICE))
+    assert (got.cpu() != want).float().mean().item() < 0.01
