@@ -59,6 +59,11 @@ def compiling_only(workers: int | None = None) -> Iterator[None]:
             _COMPILE_ONLY.reset(token)
 
 
+def _idle_hook(hook) -> bool:
+    """Triton 3.6's launch hooks are HookChains, empty unless a profiler registered one."""
+    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+
+
 class VariantLauncher:
     """One variant of a Triton kernel: its compile-time keyword arguments fixed, its other
     arguments passed positionally. The first launch (and any whose arguments no longer match what
@@ -72,7 +77,7 @@ class VariantLauncher:
 
     def __call__(self, grid: tuple[int, ...], *args) -> None:
         d = self._direct
-        if d is not None and self._matches(d, args):
+        if d is not None and not _COMPILE_ONLY.get() and self._matches(d, args):
             run, function, packed, tail, device = d[:5]
             g = (*grid, 1, 1)
             run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), function, packed,
@@ -90,9 +95,9 @@ class VariantLauncher:
         from triton import knobs
 
         params = self.kernel.params
+        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
         if any(not p.is_constexpr for p in params[len(args):]) or \
-                knobs.runtime.launch_enter_hook is not None or \
-                knobs.runtime.launch_exit_hook is not None:
+                not all(_idle_hook(h) for h in hooks):
             return None
         device = torch.cuda.current_device()
         binder = self.kernel.device_caches[device][4]
@@ -109,12 +114,12 @@ class VariantLauncher:
             elif -2**31 <= a < 2**31:
                 i32.append(p.num)
         return (compiled.run, compiled.function, compiled.packed_metadata, tail, device,
-                tuple(tensors), tuple(fixed), tuple(i32))
+                tuple(tensors), tuple(fixed), tuple(i32), hooks)
 
     @staticmethod
     def _matches(d: tuple, args: tuple) -> bool:
-        if torch.cuda.current_device() != d[4]:
-            return False
+        if torch.cuda.current_device() != d[4] or any(h is not None and h.calls for h in d[8]):
+            return False  # another device, or a profiler hooked Triton's launches since
         for i, dtype, aligned in d[5]:
             a = args[i]
             if a.dtype != dtype or (aligned and a.data_ptr() % 16):
