@@ -27,12 +27,13 @@ import torch
 _COMPILE_ONLY: ContextVar[bool] = ContextVar("turboquant_compile_only", default=False)
 
 
-def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs); inside `compiling_only()`, only its compile (no launch)."""
+def launch(kernel, grid: tuple[int, ...], *args, **kwargs):
+    """kernel[grid](*args, **kwargs), returning what Triton returns (the compiled kernel on a
+    GPU); inside `compiling_only()`, only its compile is submitted (no launch) and None returned."""
     if _COMPILE_ONLY.get():
         kernel.warmup(*args, grid=grid, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+        return None
+    return kernel[grid](*args, **kwargs)
 
 
 def _interpreted() -> bool:
@@ -83,11 +84,7 @@ class VariantLauncher:
             run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), function, packed,
                 None, None, None, *args, *tail)
             return
-        compiled = None
-        if _COMPILE_ONLY.get():
-            self.kernel.warmup(*args, grid=grid, **self.constexprs)
-        else:
-            compiled = self.kernel[grid](*args, **self.constexprs)
+        compiled = launch(self.kernel, grid, *args, **self.constexprs)
         if d is None and compiled is not None and not _interpreted():
             self._direct = self._resolve(compiled, args)
 
