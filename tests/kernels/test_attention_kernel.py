@@ -28,7 +28,8 @@ def _rel_err(got, want):
 
 @pytest.mark.parametrize("name", list(FORMATS))
 @pytest.mark.parametrize("d,kv_heads,gqa,block_size", [(64, 2, 3, 16), (128, 1, 4, 32),
-                                                       (256, 1, 1, 16), (128, 1, 8, 16)])
+                                                       (256, 1, 1, 16), (128, 1, 8, 16),
+                                                       (256, 1, 4, 16)])  # Gemma-3's heads
 def test_decode_matches_the_codec(name, d, kv_heads, gqa, block_size, gen):
     codec = _codec(name, d, kv_heads, block_size, gen)
     seq_lens = [1, 16, 37]
@@ -56,11 +57,16 @@ def _mixed_batch(name, gen, d=64, kv_heads=2, gqa=4):
     return codec, seq_lens, q_lens, cache, table, dense, qsl, query, lens
 
 
+# (256, 1, 4): Gemma-3-270M's heads, whose sliding-window layers take this path for every chunk.
+HEADS = pytest.mark.parametrize("d,kv_heads,gqa", [(64, 2, 4), (256, 1, 4)])
+
+
 @pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_2.5_mse"])
 @pytest.mark.parametrize("window", [None, 20])
-def test_mixed_batch_of_decode_and_chunks_over_cached_context(name, window, gen):
-    d = 64
-    codec, seq_lens, q_lens, cache, table, _, qsl, query, lens = _mixed_batch(name, gen, d)
+@HEADS
+def test_mixed_batch_of_decode_and_chunks_over_cached_context(name, window, d, kv_heads, gqa, gen):
+    codec, seq_lens, q_lens, cache, table, _, qsl, query, lens = _mixed_batch(name, gen, d,
+                                                                             kv_heads, gqa)
     want = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5,
                            sliding_window=window)
     dev = lambda x: x.to(DEVICE)  # noqa: E731
@@ -85,15 +91,17 @@ def _exact_part(q, k, v, scale, window):
 
 @pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
 @pytest.mark.parametrize("window", [None, 20])
-def test_context_only_merged_with_exact_new_tokens(name, window, gen):
+@HEADS
+def test_context_only_merged_with_exact_new_tokens(name, window, d, kv_heads, gqa, gen):
     # What the backend does for multi-token steps: the step's own tokens attend to each other
     # exactly, the context before them through the pages; merged, that is attention over
     # [decoded context, exact new tokens]. Decode, a 5-token chunk, a fresh prompt, 3 speculative.
     from vllm_turboquant.codec import dense_attention
     from vllm_turboquant.kernels.paged_attention import merge_attention
 
-    scale = 64 ** -0.5
-    codec, seq_lens, q_lens, cache, table, dense, qsl, query, lens = _mixed_batch(name, gen)
+    scale = d ** -0.5
+    codec, seq_lens, q_lens, cache, table, dense, qsl, query, lens = _mixed_batch(name, gen, d,
+                                                                                 kv_heads, gqa)
     on = lambda t: t.to(DEVICE)  # noqa: E731
     out_ctx, lse_ctx = varlen_attention(codec, on(query), on(cache), on(table), on(lens), on(qsl),
                                         scale, max(q_lens), sliding_window=window, num_splits=2,
@@ -161,12 +169,13 @@ def stage_newest(codec, cache, table, dense, seq_lens, rows, window, gen):
 
 
 @pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
-def test_newest_tokens_read_from_their_exact_copies(name, gen):
+@pytest.mark.parametrize("d,kv_heads,sliding_window", [(64, 2, None), (256, 1, 20)])
+def test_newest_tokens_read_from_their_exact_copies(name, d, kv_heads, sliding_window, gen):
     # Rows 0-2 are staged (row 1's entries then go stale: its pages are rewritten), row 3 is
     # beyond the buffer; decode, a chunk and speculative tokens; 2 splits cut through the window.
     from vllm_turboquant.codec import RecentTokens
 
-    d, kv_heads, gqa, window = 64, 2, 4, 32
+    gqa, window = 4, 32
     codec = _codec(name, d, kv_heads, 16, gen)
     seq_lens, q_lens = [33, 45, 70, 9], [1, 5, 3, 1]
     cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
@@ -174,12 +183,14 @@ def test_newest_tokens_read_from_their_exact_copies(name, gen):
     qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     query = torch.randn(int(qsl[-1]), kv_heads * gqa, d, generator=gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    want = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5, recent=recent)
-    plain = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5)
+    want = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5,
+                           sliding_window=sliding_window, recent=recent)
+    plain = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5,
+                            sliding_window=sliding_window)
     assert _rel_err(plain, want) > 0.05  # the exact copies change the answer
     on = lambda t: t.to(DEVICE)  # noqa: E731
     staged = RecentTokens(rows=3, window=window, num_kv_heads=kv_heads, head_dim=d, device=DEVICE)
     staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
     got = varlen_attention(codec, on(query), on(cache), on(table), on(lens), on(qsl), d ** -0.5,
-                           max(q_lens), num_splits=2, recent=staged)
+                           max(q_lens), sliding_window, num_splits=2, recent=staged)
     assert _rel_err(got, want) <= 1e-2

@@ -51,10 +51,11 @@ def test_device_limit_clips_host_upper_bounds(gen):
 
 
 @pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
-def test_exact_copies_replace_their_decoded_tokens(name, gen):
+@pytest.mark.parametrize("d,kv_heads", [(64, 2), (256, 1)])
+def test_exact_copies_replace_their_decoded_tokens(name, d, kv_heads, gen):
     # Row 0 staged and current, row 1's newest slots rewritten by another request (stale copies),
     # row 2 beyond the buffer.
-    d, kv_heads, window = 64, 2, 32
+    window = 32
     codec = _codec(name, d, kv_heads, 16, gen)
     seq_lens = [45, 60, 50]
     cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)

@@ -35,7 +35,7 @@ def test_write_kernel_matches_the_codec(name, d, heads, gen):
 
 
 @pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_2.5_mse"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_write_kernel_stages_the_newest_tokens_like_the_codec(name, d, gen):
     from vllm_turboquant.codec import RecentTokens
 
