@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 
 from vllm_turboquant.quality import corpus, hf_sim, metrics, schemes
+
+from bench_env import commit_id  # bench/ is on sys.path when run as a script
 
 
 def kv_metrics(scheme, q, k, v, causal: bool, n_queries: int = 256) -> dict[str, float]:
@@ -114,8 +115,7 @@ def main() -> None:
 
     t0 = time.time()
     all_schemes = schemes.benchmark_schemes()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = commit_id()
     model, tok = hf_sim.load_model(str(smollm2_path()))
     parts = [f"Made by `python bench/codec_quality.py --windows {args.windows}` on "
              f"{datetime.date.today()} (CPU, commit {commit}).",

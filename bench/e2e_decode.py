@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from bench_env import commit_id, release_engine  # bench/ is on sys.path when run as a script
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -74,15 +74,11 @@ def main() -> None:
         rows.append((dtype, start, capacity, prefill, (n - n_s) / max(total - t_short, 1e-9),
                      (n - len(prompts)) / max(total - prefill, 1e-9)))
         print(rows[-1], flush=True)
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
-    commit = os.environ.get("TQ_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        release_engine(llm)
+    commit = commit_id()
     base = {r[0]: r for r in rows}
     print(f"\n`python bench/e2e_decode.py` on {datetime.date.today()}, {torch.cuda.get_device_name()}, "
-          f"commit {commit or 'unknown'}: {args.prompts} prompts x {args.prompt_len} tokens + "
+          f"commit {commit}: {args.prompts} prompts x {args.prompt_len} tokens + "
           f"{args.gen} generated, {'eager' if args.eager else 'CUDA graphs'}, dummy weights, "
           f"{args.config.name}.\n")
     print("| kv_cache_dtype | engine start s | KV capacity (tokens) | prefill s | decode tok/s "

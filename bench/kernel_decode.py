@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import subprocess
 
 import torch
 import triton
@@ -21,6 +19,8 @@ import triton
 from vllm_turboquant.codec import FORMATS, LayerKVCodec, RecentTokens, page_layout
 from vllm_turboquant.codec.recent import page_checksum
 from vllm_turboquant.kernels.paged_attention import decode_attention
+
+from bench_env import commit_id  # bench/ is on sys.path when run as a script
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 
@@ -142,9 +142,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.sweep:
         return sweep(args.formats.split(","))
-    # The device machine gets a working tree without .git: pass TQ_COMMIT there.
-    commit = os.environ.get("TQ_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = commit_id()
     bw = copy_bandwidth()
     lines = [f"`python bench/kernel_decode.py` on {datetime.date.today()}, "
              f"{torch.cuda.get_device_name()}, commit {commit}; copy bandwidth {bw:.0f} GB/s.", "",

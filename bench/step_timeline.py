@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from bench_env import commit_id, release_engine  # bench/ is on sys.path when run as a script
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -107,17 +107,13 @@ def main() -> None:
         llm.generate(prompts[:2], sp(4), use_tqdm=False)
         results[dtype] = (timed_run(llm, prompts, sp(1)), timed_run(llm, prompts, sp(args.gen)))
         print(dtype, results[dtype], flush=True)
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_engine(llm)
 
-    commit = os.environ.get("TQ_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     print(f"\n`python bench/step_timeline.py --prompts {args.prompts} --prompt-len "
           f"{args.prompt_len} --gen {args.gen}` on {datetime.date.today()}, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
-          f"commit {commit or 'unknown'}.\n")
+          f"commit {commit}.\n")
     print("| kv_cache_dtype | run | kind | steps | s | ms/step | decode rows/step | "
           "prompt tokens/step |\n|---|---|---|---|---|---|---|---|")
     for dtype, runs in results.items():
