@@ -15,7 +15,8 @@ TURBOQUANT_EXACT_RECENT tokens (codec/recent.py), written with the pages and rea
 where their tags match; the buffer is allocated with the layer, before vLLM measures free memory.
 
 Outlier channels: each layer fixes its per-KV-head outlier split from the first real K/V it writes
-(dummy/profiling runs write only slot -1 and are ignored). Every page in the cache is written after
+(dummy/profiling runs write only slot -1, and vLLM's GPU warm-up steps of dummy prompts are
+recognised, `warmup.py`: both are ignored). Every page in the cache is written after
 that moment with that split, and the split never changes for the engine's lifetime, so pages reused
 by prefix caching or read after preemption/resume always decode with the split they were written with.
 """
@@ -34,6 +35,7 @@ from ..codec.formats import FORMATS, SUPPORTED_HEAD_SIZES, is_turboquant_dtype
 from ..codec.layout import BLOCK_SIZE_MULTIPLE
 from ..kernels import to_device_async
 from . import options
+from .warmup import in_vllm_warmup, watch_vllm_warmup
 
 if TYPE_CHECKING:
     from ..kernels.dense_context import ContextSpan
@@ -231,6 +233,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.codec: LayerKVCodec | None = None  # built at the first write, once block_size is known
         self.recent = _recent_tokens(self.num_kv_heads, head_size)
+        watch_vllm_warmup()
 
     def _codec_for(self, kv_cache: torch.Tensor) -> LayerKVCodec:
         if self.codec is None:
@@ -251,14 +254,17 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         # the first real (eager: prefills are never captured whole) write.
         capturing = key.is_cuda and torch.cuda.is_current_stream_capturing()
         if not codec.calibrated and not capturing:
+            if key.is_cuda:  # build device tables and compile now, never inside a capture
+                self._prepare_kernels(codec, key.device, key.dtype)
             valid = slot_mapping >= 0
-            if not bool(valid.any()):
-                if key.is_cuda:  # build device tables and compile now, never inside a capture
-                    self._prepare_kernels(codec, key.device, key.dtype)
+            if in_vllm_warmup():
+                pass  # vLLM's own steps of dummy prompts: store them, learn nothing (warmup.py)
+            elif not bool(valid.any()):
                 return  # a dummy run: nothing to store, nothing to learn from
-            codec.calibrate(key[valid], value[valid])
-            if key.is_cuda:  # rebuild the kernels' tables now: later, mid-step, it would sync
-                self._refresh_kernel_constants(codec, key.device)
+            else:
+                codec.calibrate(key[valid], value[valid])
+                if key.is_cuda:  # rebuild the kernels' tables now: later, mid-step, it would sync
+                    self._refresh_kernel_constants(codec, key.device)
         pages = kv_cache.view(kv_cache.shape[0], -1)
         entries = self._recent_entries(layer, slot_mapping)
         recent = self.recent if entries is not None else None
