@@ -42,3 +42,13 @@ def test_without_a_gpu_worker_nothing_is_wrapped(monkeypatch):
     key = torch.randn(20, HEADS, D)
     impl.do_kv_cache_update(None, key, key, cache, torch.arange(20))
     assert impl.codec.calibrated and not warmup.in_vllm_warmup()
+
+
+def test_vllm_gpu_worker_warms_up_through_the_name_we_wrap():
+    # The contract warmup.py relies on (vLLM 0.26): the GPU worker calls its module-level
+    # `warmup_kernels` by name, so wrapping the module attribute reaches that call.
+    import inspect
+
+    worker = __import__("vllm.v1.worker.gpu_worker", fromlist=["Worker"])
+    assert callable(getattr(worker, "warmup_kernels", None))
+    assert "warmup_kernels(" in inspect.getsource(worker.Worker)
