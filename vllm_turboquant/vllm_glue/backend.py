@@ -296,9 +296,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
 
     def _refresh_kernel_constants(self, codec: LayerKVCodec, device: torch.device) -> None:
         """Calibration changed the codec: rebuild the write and attention kernels' device tables
-        in this (prefill) step. Left to the first attention over the cache, each layer's rebuild
-        (host-side rotations, copies that wait for the GPU) stalled that step by ~0.8 s on an
-        H100 (Llama-3.1-8B shape, 32 layers)."""
+        in this (prefill) step. Left to the first attention over the cache, each layer rebuilt
+        them there (host-side rotations, copies that wait for the GPU): ~0.5 s of that step's
+        host time on an H100 (Llama-3.1-8B shape, 32 layers, stack sampler)."""
         from ..kernels.cache_write import device_constants
         from ..kernels.paged_attention import AttentionConstants
 
