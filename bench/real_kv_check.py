@@ -32,8 +32,10 @@ from vllm_turboquant.quality import corpus
 DENSE_MIN_QUERY = 64  # as vllm_glue.backend: longer chunks read their context densely
 
 
-def record_qkv(model_path: str, tokens: int, device: str) -> tuple[OrderedDict, dict]:
-    """{layer: (q [T, Hq, d], k [T, Hkv, d], v, scaling, sliding_window)} of one forward pass."""
+def record_qkv(model_path: str, tokens: int, device: str,
+               windows: int = 1) -> tuple[list[OrderedDict], str]:
+    """Per window of `tokens` tokens of the built-in text (one forward pass each): {layer: (q
+    [T, Hq, d], k [T, Hkv, d], v, scaling, sliding_window)}; and the model type."""
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -52,10 +54,13 @@ def record_qkv(model_path: str, tokens: int, device: str) -> tuple[OrderedDict, 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  attn_implementation="tq_capture").to(device)
-    ids = torch.tensor([corpus.token_windows(tok, 1, tokens)[0]], device=device)
-    with torch.no_grad():
-        model(ids)
-    return seen, {"name": model.config.model_type}
+    out = []
+    for ids in corpus.token_windows(tok, windows, tokens):
+        seen.clear()
+        with torch.no_grad():
+            model(torch.tensor([ids], device=device))
+        out.append(OrderedDict(seen))
+    return out, model.config.model_type
 
 
 def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -115,10 +120,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("no GPU: run with TRITON_INTERPRET=1 (the kernels' CPU interpreter)")
-    seen, info = record_qkv(path, args.tokens, device)
+    (seen,), name = record_qkv(path, args.tokens, device)
     pick = [int(x) for x in args.layers.split(",") if x] or list(seen)
     bs, n, chunk = 16, args.tokens, args.chunk
-    print(f"{info['name']} ({path}), {args.format}, {n} tokens, last chunk of {chunk}, {device}\n")
+    print(f"{name} ({path}), {args.format}, {n} tokens, last chunk of {chunk}, {device}\n")
     print("| layer | window | head_dim | Hq/Hkv | codec vs exact | kernels vs exact | "
           "kernels vs codec |\n|---|---|---|---|---|---|---|")
     for layer in pick:
