@@ -256,12 +256,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if not codec.calibrated and not capturing:
             if key.is_cuda:  # build device tables and compile now, never inside a capture
                 self._prepare_kernels(codec, key.device, key.dtype)
-            valid = slot_mapping >= 0
-            if in_vllm_warmup():
-                pass  # vLLM's own steps of dummy prompts: store them, learn nothing (warmup.py)
-            elif not bool(valid.any()):
-                return  # a dummy run: nothing to store, nothing to learn from
-            else:
+            if not in_vllm_warmup():  # vLLM's steps of dummy prompts are stored, never learned from
+                valid = slot_mapping >= 0
+                if not bool(valid.any()):
+                    return  # a dummy run: nothing to store, nothing to learn from
                 codec.calibrate(key[valid], value[valid])
                 if key.is_cuda:  # rebuild the kernels' tables now: later, mid-step, it would sync
                     self._refresh_kernel_constants(codec, key.device)
