@@ -32,10 +32,11 @@ from vllm_turboquant.quality import corpus
 DENSE_MIN_QUERY = 64  # as vllm_glue.backend: longer chunks read their context densely
 
 
-def record_qkv(model_path: str, tokens: int, device: str,
-               windows: int = 1) -> tuple[list[OrderedDict], str]:
+def record_qkv(model_path: str, tokens: int, device: str, windows: int = 1,
+               calibration: bool = False) -> tuple[list[OrderedDict], str]:
     """Per window of `tokens` tokens of the built-in text (one forward pass each): {layer: (q
-    [T, Hq, d], k [T, Hkv, d], v, scaling, sliding_window)}; and the model type."""
+    [T, Hq, d], k [T, Hkv, d], v, scaling, sliding_window)}; and the model type. With
+    `calibration`, one window: the plugin's engine-start calibration prompt."""
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -55,7 +56,9 @@ def record_qkv(model_path: str, tokens: int, device: str,
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  attn_implementation="tq_capture").to(device)
     out = []
-    for ids in corpus.token_windows(tok, windows, tokens):
+    texts = ([corpus.calibration_ids(tok, tokens)] if calibration
+             else corpus.token_windows(tok, windows, tokens))
+    for ids in texts:
         seen.clear()
         with torch.no_grad():
             model(torch.tensor([ids], device=device))

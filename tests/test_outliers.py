@@ -35,3 +35,29 @@ def test_calibration_happens_once(gen):
     before = codec.key_perm.clone()
     codec.calibrate(torch.randn(10, 1, 64, generator=gen) * torch.arange(64), first)
     assert torch.equal(codec.key_perm, before)
+
+
+def test_calibration_over_several_writes_equals_one_over_all_of_them(gen):
+    # vLLM writes a prompt chunk by chunk; calibrating on the chunks' union must not depend on
+    # how it was cut (the centred energy comes from running sums).
+    key = torch.randn(96, 2, 64, generator=gen) * torch.linspace(0.5, 3, 64) + 2.0
+    value = torch.randn(96, 2, 64, generator=gen) * torch.linspace(3, 0.5, 64)
+    whole = LayerKVCodec(page_layout("turboquant_3.5_mse", 64, 16, 2))
+    whole.calibrate(key, value)
+    pieces = LayerKVCodec(page_layout("turboquant_3.5_mse", 64, 16, 2))
+    for lo, hi in ((0, 7), (7, 64), (64, 96)):
+        pieces.observe(key[lo:hi], value[lo:hi])
+    assert not pieces.calibrated and pieces.observed_tokens == 96
+    pieces.finish_calibration()
+    assert pieces.calibrated and pieces.observed_tokens == 0
+    assert torch.equal(pieces.key_perm, whole.key_perm)
+    assert torch.equal(pieces.value_perm, whole.value_perm)
+    torch.testing.assert_close(pieces.key_mean, key.mean(0))
+    # centred keys: the split ranks channels by variance, not by raw energy
+    assert torch.equal(whole.key_perm, split_from_vectors(key - key.mean(0)))
+
+
+def test_finishing_without_observations_leaves_the_default_split():
+    codec = LayerKVCodec(page_layout("turboquant_3.5_mse", 64, 16, 1))
+    codec.finish_calibration()
+    assert not codec.calibrated and torch.equal(codec.key_perm, default_split(64, 1))

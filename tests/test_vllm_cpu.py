@@ -49,8 +49,8 @@ def texts():
 
 
 def run_format(kv_cache_dtype, texts):
-    """Everything one engine measures. The long text goes first so the outlier split is
-    calibrated on its first chunk, as in the codec-only simulation."""
+    """Everything one engine measures (its layers calibrated at start, on the built-in
+    calibration prompt, as the codec-only prediction is)."""
     with engine(kv_cache_dtype, enable_prefix_caching=True) as llm:
         prompt = lambda ids: {"prompt_token_ids": ids}  # noqa: E731
         main = llm.generate([prompt(texts["main"])], logprob_params())[0]
@@ -75,12 +75,18 @@ def hf_model():
 
 
 def codec_prediction(hf_model, ids, fmt):
+    from transformers import AutoTokenizer
+
     ref = hf_sim.Simulation(hf_model, None).logits(ids)
-    # Same regime as the engine: outliers calibrated on the first chunk, which is a fresh prefill;
-    # with 64-token chunks the engine's newest-64 exact copies cover each query's own chunk.
-    test = hf_sim.Simulation(hf_model, schemes.TurboQuant(fmt, fmt), calib_tokens=CHUNK,
-                             fresh_prefill_tokens=CHUNK,
-                             exact_recent_block=options.exact_recent()).logits(ids)
+    # Same regime as the engine: every layer calibrated on the engine-start prompt first; the
+    # first chunk is a fresh prefill; with 64-token chunks the engine's newest-64 exact copies
+    # cover each query's own chunk.
+    calib = corpus.calibration_ids(AutoTokenizer.from_pretrained(str(smollm2_path())),
+                                   options.calibration_tokens())
+    sim = hf_sim.Simulation(hf_model, schemes.TurboQuant(fmt, fmt), calib_tokens=len(calib),
+                            fresh_prefill_tokens=CHUNK, exact_recent_block=options.exact_recent())
+    sim.logits(calib)
+    test = sim.logits(ids)
     agreement = metrics.Agreement()
     agreement.add(ref[:-1], test[:-1], torch.tensor(ids[1:]))
     return agreement

@@ -14,7 +14,7 @@ import torch
 
 from .formats import check_head_size
 from .layout import PageLayout
-from .outliers import default_split, split_from_vectors
+from .outliers import default_split, split_from_energy
 from .packing import pack_bitplanes, pack_signs, unpack_bitplanes, unpack_signs
 from .quantizer import QuantizedVectors, TensorCodec, tensor_codec
 from .rotation import DEFAULT_SEED
@@ -49,17 +49,45 @@ class LayerKVCodec:
 
     # --- channel splits -----------------------------------------------------------------------
     def calibrate(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Fix the outlier channels from observed post-RoPE keys/values [N, H, d]. Once only."""
+        """Fix the outlier channels and means from observed post-RoPE keys/values [N, H, d]. Once
+        only; the same as observe() then finish_calibration()."""
         if self.calibrated:
             return
-        if self.center_keys:
-            self.key_mean = key.float().mean(dim=0)
-        if self.center_values:
-            self.value_mean = value.float().mean(dim=0)
-        self.key_perm = split_from_vectors(key.float() - self.key_mean.to(key.device))
-        self.value_perm = split_from_vectors(value.float() - self.value_mean.to(value.device))
-        self.key_mean, self.value_mean = self.key_mean.to(key.device), self.value_mean.to(key.device)
-        self.key_perm, self.value_perm = self.key_perm.to(key.device), self.value_perm.to(key.device)
+        self.observe(key, value)
+        self.finish_calibration()
+
+    def observe(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Accumulate calibration statistics over several writes (e.g. the chunks of one prompt):
+        per-channel sums and sums of squares, in float64 so the centred energy Σx² − Nμ² stays
+        exact enough to rank channels. Nothing changes until finish_calibration()."""
+        if self.calibrated or key.shape[0] == 0:
+            return
+        stats = self.__dict__.setdefault("_observed", {})
+        for name, x in (("k", key), ("v", value)):
+            x = x.double()
+            for part, t in ((f"{name}.sum", x.sum(0)), (f"{name}.sq", x.pow(2).sum(0))):
+                stats[part] = stats[part] + t if part in stats else t
+        stats["n"] = stats.get("n", 0) + key.shape[0]
+
+    @property
+    def observed_tokens(self) -> int:
+        return self.__dict__.get("_observed", {}).get("n", 0)
+
+    def finish_calibration(self) -> None:
+        """Fix splits and means from what observe() saw (nothing seen: stays uncalibrated)."""
+        stats = self.__dict__.pop("_observed", None)
+        if self.calibrated or not stats:
+            return
+        n = stats["n"]
+
+        def mean_and_perm(name: str, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            mean = stats[f"{name}.sum"] / n
+            energy = stats[f"{name}.sq"] - n * mean.pow(2) if center else stats[f"{name}.sq"]
+            mean = mean.float() if center else torch.zeros_like(mean, dtype=torch.float32)
+            return mean, split_from_energy(energy.clamp_min(0)).to(mean.device)
+
+        self.key_mean, self.key_perm = mean_and_perm("k", self.center_keys)
+        self.value_mean, self.value_perm = mean_and_perm("v", self.center_values)
         self.calibrated = True
         self.version += 1
 

@@ -35,6 +35,7 @@ from ..codec.formats import FORMATS, SUPPORTED_HEAD_SIZES, is_turboquant_dtype
 from ..codec.layout import BLOCK_SIZE_MULTIPLE
 from ..kernels import to_device_async
 from . import options
+from .engine_calibration import calibrate_at_engine_start, calibrating
 from .warmup import in_vllm_warmup, watch_vllm_warmup
 
 if TYPE_CHECKING:
@@ -233,7 +234,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.codec: LayerKVCodec | None = None  # built at the first write, once block_size is known
         self.recent = _recent_tokens(self.num_kv_heads, head_size)
+        self._device: torch.device | None = None  # where its K/V live, from the first real write
         watch_vllm_warmup()
+        calibrate_at_engine_start()
 
     def _codec_for(self, kv_cache: torch.Tensor) -> LayerKVCodec:
         if self.codec is None:
@@ -260,9 +263,12 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 valid = slot_mapping >= 0
                 if not bool(valid.any()):
                     return  # a dummy run: nothing to store, nothing to learn from
-                codec.calibrate(key[valid], value[valid])
-                if key.is_cuda:  # rebuild the kernels' tables now: later, mid-step, it would sync
-                    self._refresh_kernel_constants(codec, key.device)
+                self._device = key.device
+                if calibrating():  # the engine-start prompt: fixed once it has been read whole
+                    codec.observe(key[valid], value[valid])
+                else:
+                    codec.calibrate(key[valid], value[valid])
+                    self._refresh_kernel_constants(codec)
         pages = kv_cache.view(kv_cache.shape[0], -1)
         entries = self._recent_entries(layer, slot_mapping)
         recent = self.recent if entries is not None else None
@@ -292,11 +298,25 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 slot_mapping, m.query_start_loc_device[: num_reqs + 1], m.seq_lens_device[:num_reqs])
         return m.recent_entries
 
-    def _refresh_kernel_constants(self, codec: LayerKVCodec, device: torch.device) -> None:
+    @property
+    def calibrated(self) -> bool:
+        return self.codec is not None and self.codec.calibrated
+
+    def finish_calibration(self) -> None:
+        """End of the engine-start calibration prompt (engine_calibration.py): fix the split
+        from everything this layer observed."""
+        if self.codec is not None and not self.codec.calibrated:
+            self.codec.finish_calibration()
+            self._refresh_kernel_constants(self.codec)
+
+    def _refresh_kernel_constants(self, codec: LayerKVCodec) -> None:
         """Calibration changed the codec: rebuild the write and attention kernels' device tables
-        in this (prefill) step. Left to the first attention over the cache, each layer rebuilt
-        them there (host-side rotations, copies that wait for the GPU): ~0.5 s of that step's
-        host time on an H100 (Llama-3.1-8B shape, 32 layers, stack sampler)."""
+        now, outside any attention call. Left to the first attention over the cache, each layer
+        rebuilt them there (host-side rotations, copies that wait for the GPU): ~0.5 s of that
+        step's host time on an H100 (Llama-3.1-8B shape, 32 layers, stack sampler)."""
+        device = self._device
+        if not codec.calibrated or device is None or device.type != "cuda":
+            return
         from ..kernels.cache_write import device_constants
         from ..kernels.paged_attention import AttentionConstants
 

@@ -9,6 +9,9 @@ TURBOQUANT_EXACT_RECENT=64       each sequence reads its newest N tokens exactly
 TURBOQUANT_EXACT_ROWS=N          how many running sequences get those copies (default
                                  min(max_num_seqs, 256)); memory per layer:
                                  rows · N · kv_heads · (4 · head_dim + 8) bytes
+TURBOQUANT_CALIBRATION_TOKENS=1024
+                                 tokens of built-in text every layer calibrates on when the
+                                 engine starts (0: the first request's first chunk calibrates)
 All layers are compressed by default; fragile models sometimes need their first/last layers exact.
 Every process reads the same environment, so API server, engine core and workers agree.
 """
@@ -61,3 +64,10 @@ def exact_recent() -> int:
 
 def exact_rows(max_num_seqs: int) -> int:
     return _int_env("TURBOQUANT_EXACT_ROWS", min(max_num_seqs, MAX_DEFAULT_EXACT_ROWS))
+
+
+DEFAULT_CALIBRATION_TOKENS = 1024
+
+
+def calibration_tokens() -> int:
+    return _int_env("TURBOQUANT_CALIBRATION_TOKENS", DEFAULT_CALIBRATION_TOKENS)
