@@ -23,6 +23,7 @@ import functools
 import sys
 from typing import Any
 
+import torch
 from vllm.logger import init_logger
 
 from . import options
@@ -67,6 +68,7 @@ def turboquant_layers(vllm_config) -> list:
     return [impl for impl in impls if isinstance(impl, TurboQuantImpl)]
 
 
+@torch.inference_mode()  # as vLLM's own warm-up: the kernels' tables are inference tensors
 def calibrate_worker(worker: Any) -> bool:
     """Run the calibration prompt on this worker if any TurboQuant layer still needs it.
     Returns whether every such layer is calibrated afterwards."""
