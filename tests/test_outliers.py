@@ -61,3 +61,39 @@ def test_finishing_without_observations_leaves_the_default_split():
     codec = LayerKVCodec(page_layout("turboquant_3.5_mse", 64, 16, 1))
     codec.finish_calibration()
     assert not codec.calibrated and torch.equal(codec.key_perm, default_split(64, 1))
+
+
+def _sinky_keys(gen, sink_sign: float) -> torch.Tensor:
+    """Head 0: a first token (the sink) along +mean; head 1: along sink_sign · mean."""
+    key = torch.randn(64, 2, 64, generator=gen) * 0.5
+    key[:, :, :8] += 3.0                      # a large shared component: the mean
+    key[0, 0, :8] = 9.0                       # head 0's sink, aligned with it
+    key[0, 1, :8] = 9.0 * sink_sign           # head 1's sink
+    return key
+
+
+def test_key_mean_is_removed_where_it_shortens_the_sink(gen):
+    codec = LayerKVCodec(page_layout("turboquant_3.5_mse", 64, 16, 2))
+    key = _sinky_keys(gen, +1.0)
+    codec.calibrate(key, key)
+    torch.testing.assert_close(codec.key_mean, key.mean(0))
+
+
+def test_key_mean_is_kept_where_removing_it_would_lengthen_the_sink(gen):
+    # Head 1's sink points away from the mean: centring would make its stored vector ~4x
+    # longer, and its error with it, so head 1 keeps μ = 0 and ranks channels by raw energy.
+    codec = LayerKVCodec(page_layout("turboquant_3.5_mse", 64, 16, 2))
+    key = _sinky_keys(gen, -1.0)
+    codec.calibrate(key, key)
+    torch.testing.assert_close(codec.key_mean[0], key[:, 0].mean(0))
+    assert not codec.key_mean[1].any()
+    assert torch.equal(codec.key_perm[1], split_from_vectors(key[:, 1:2])[0])
+
+
+def test_the_sink_is_the_first_token_observed(gen):
+    codec = LayerKVCodec(page_layout("turboquant_3.5_mse", 64, 16, 2))
+    key = _sinky_keys(gen, -1.0)
+    codec.observe(key[:5], key[:5])
+    codec.observe(key[5:], key[5:])
+    codec.finish_calibration()
+    assert codec.key_mean[0].any() and not codec.key_mean[1].any()
