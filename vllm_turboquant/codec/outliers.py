@@ -2,8 +2,9 @@
 
 A channel split is a permutation perm [H, d] per (layer, K or V): perm[h, :n_o] are the outlier
 channels of head h and perm[h, n_o:] the regular ones, each ascending. It is fixed once, from the
-first keys/values the layer writes (largest per-channel energy over those tokens, ties broken by
-the lower index), and must never change while pages written with it are alive.
+calibration tokens (the engine-start prompt, or the first keys/values the layer writes): largest
+per-channel energy over those tokens, centred where the key mean is removed, ties broken by the
+lower index. It must never change while pages written with it are alive.
 
 Before any vector has been observed, `default_split` is used: the n_o/2 lowest-frequency RoPE pairs
 of the rotate-half (NeoX/Llama) layout, i.e. channels [d/2 - n_o/2, d/2) and [d - n_o/2, d). Those

@@ -3,7 +3,8 @@
 TURBOQUANT_BF16_FIRST_LAYERS=N   keep the first N decoder layers' KV cache in bf16 (default 0)
 TURBOQUANT_BF16_LAST_LAYERS=N    keep the last N decoder layers' KV cache in bf16 (default 0)
 TURBOQUANT_QJL_DECODE=min_mse    decode constant for QJL keys: min_mse (default) or unbiased
-TURBOQUANT_CENTER_KEYS=1         remove each KV head's key mean before quantizing (default 1)
+TURBOQUANT_CENTER_KEYS=1         remove a KV head's key mean before quantizing where that does not
+                                 lengthen the attention sink's key (default 1; 0: never)
 TURBOQUANT_EXACT_RECENT=64       each sequence reads its newest N tokens exactly (fp16 copies beside
                                  the pages; 0 turns it off)
 TURBOQUANT_EXACT_ROWS=N          how many running sequences get those copies (default
