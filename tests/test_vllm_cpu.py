@@ -131,10 +131,13 @@ def test_format_end_to_end(fmt, texts, reference, hf_model, report):
 def test_preemption_and_resume_give_the_same_answers(exact_recent, texts, monkeypatch):
     """4 requests that grow to 4 blocks of 128 tokens each share a budget of 9 blocks, so running
     requests are preempted while decoding. Resumed requests read their compressed pages back (prefix
-    cache) or recompute them. With pages only, they answer exactly as an unconstrained engine does.
-    The exact copies of the newest tokens live in per-batch-row buffers that preemption (and the
-    batch compaction after it) invalidates, so then the answers must agree up to the first
-    preemption and every request must still finish."""
+    cache) or recompute them, and every request must finish with the unconstrained engine's answer
+    up to the first preemption. Bit-identical answers after it are not asserted: a resumed request
+    recomputes its newest tokens in one multi-token step, whose float reduction order differs from
+    the decode steps that first computed them, so a code near a bucket edge can flip. At 0c4fbd7
+    the answers happened to match with the default calibration values and not with
+    TURBOQUANT_CENTER_KEYS=0; any calibration change moves which runs match. (The exact copies
+    of the newest tokens live in per-batch-row buffers that preemption invalidates too.)"""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     monkeypatch.setenv("TURBOQUANT_EXACT_RECENT", exact_recent)
@@ -155,11 +158,8 @@ def test_preemption_and_resume_give_the_same_answers(exact_recent, texts, monkey
         tight = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
     assert len(preempted) > 0
     assert all(len(t) == 192 for t in tight)
-    if exact_recent == "0":
-        assert tight == free
-    else:
-        before = preempted[0][1]  # all four decode in lockstep until then
-        assert before > 0 and [t[:before] for t in tight] == [f[:before] for f in free]
+    before = preempted[0][1]  # all four decode in lockstep until then
+    assert before > 0 and [t[:before] for t in tight] == [f[:before] for f in free]
 
 
 @pytest.mark.parametrize("head_dim", [128, 256])
