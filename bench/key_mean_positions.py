@@ -1,6 +1,7 @@
 """Does a key mean learned at positions 0..1,023 still help at long positions?
 
     python bench/key_mean_positions.py [--model gemma3] [--tokens 8192] [--format turboquant_3.5_mse]
+    python bench/key_mean_positions.py --sinks [--model smollm2]
 
 Keys are post-RoPE, so a per-head mean measured on the engine-start prompt (positions 0-1,023)
 rotates away from the keys of later positions in every RoPE pair that turns noticeably over the
@@ -9,6 +10,10 @@ does by default (in the heads where that shortens the sink's key), or in none, a
 chunks ending at 1k, 2k, 4k, ... attend over them (causal, the model's sliding windows, no exact
 copies). Printed: mean relative attention error vs exact, split into sliding-window and global
 layers. Pure PyTorch (the codec); runs on the CPU.
+
+`--sinks` prints instead, per layer of the engine-start prompt, how the first token's key (the
+attention sink) sits against the key mean: cos(k0, μ) and |k0 - μ| / |k0| per KV head. The
+plugin removes μ only in heads where the latter is ≤ 1 (`LayerKVCodec._centre_keys`).
 """
 from __future__ import annotations
 
@@ -45,13 +50,30 @@ def errors(fmt: str, window_qkv, calib, centre: bool, ends: list[int]) -> dict:
     return {key: sum(v) / len(v) for key, v in rows.items()}
 
 
+def sinks(calib) -> None:
+    print("| layer | cos(k0, mean) per head | abs(k0 - mean) / abs(k0) per head | centred heads |")
+    print("|---|---|---|---|")
+    for i, (_, k, _, _, _) in calib.items():
+        mean, k0 = k.mean(0), k[0]
+        cos = torch.nn.functional.cosine_similarity(k0, mean, dim=-1)
+        rel = (k0 - mean).norm(dim=-1) / k0.norm(dim=-1)
+        print(f"| {i} | " + " ".join(f"{c:.2f}" for c in cos.tolist()) + " | "
+              + " ".join(f"{r:.2f}" for r in rel.tolist()) + f" | {int((rel <= 1).sum())} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="gemma3")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--format", default="turboquant_3.5_mse")
+    ap.add_argument("--sinks", action="store_true")
     args = ap.parse_args()
     path = str(BUILTIN[args.model]()) if args.model in BUILTIN else args.model
+    if args.sinks:
+        print(f"`python bench/key_mean_positions.py --sinks --model {args.model}` on "
+              f"{datetime.date.today()}, CPU, commit {commit_id()}:\n")
+        sinks(record_qkv(path, CALIBRATION_TOKENS, "cpu", calibration=True)[0][0])
+        return
     window_qkv = record_qkv(path, args.tokens, "cpu", 1)[0][0]
     calib = record_qkv(path, CALIBRATION_TOKENS, "cpu", calibration=True)[0][0]
     ends = [e for e in (1024, 2048, 4096, 8192, 16384, 32768) if e <= args.tokens]

@@ -99,7 +99,7 @@ class LayerKVCodec:
         """Per KV head: remove the key mean only where that does not lengthen the sink's key.
         A prompt's first token draws much of every later query's attention, so its key's error
         counts most, and the error grows with the stored vector's length. Where the sink's key is
-        aligned with the mean (Gemma-3: cos 0.85-0.96), centring shrinks it and helps (KL 0.048
+        aligned with the mean (Gemma-3: cos 0.54-0.96), centring shrinks it and helps (KL 0.048
         → 0.021); where it points away from the mean (SmolLM2's layers 12-29: |k0 - μ| = 2.4-5.5
         |k0|), centring multiplies its error and hurts (README, "Key mean")."""
         heads = stats["k.sum"].shape[0]
