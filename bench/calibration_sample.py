@@ -3,9 +3,10 @@
     python bench/calibration_sample.py [--models smollm2,gemma3] [--format turboquant_3.5_mse]
                                        [--windows 2] [--tokens 1024] [--samples 16,64,256,1024]
 
-The plugin fixes each layer's outlier channels and key means from the first real K/V the layer
-writes (the first prefill chunk: 64 tokens in the eval's decode regime, up to
-max_num_batched_tokens when serving). Here, on a real model's post-RoPE q/k/v (transformers, the
+Without engine-start calibration (TURBOQUANT_CALIBRATION_TOKENS=0, or no tokenizer) the plugin
+fixes each layer's outlier channels and key means from the first real K/V the layer writes (the
+first prefill chunk: 64 tokens in the eval's decode regime, up to max_num_batched_tokens when
+serving). Here, on a real model's post-RoPE q/k/v (transformers, the
 built-in text), every layer is calibrated on its first N tokens (or not at all: the default split
 and no mean), all K/V go through the codec, and 64-token query chunks ending at each quarter of
 the window attend over them (causal, sliding windows as the model has them, no exact copies).

@@ -1,12 +1,14 @@
 """Does a key mean learned at positions 0..1,023 still help at long positions?
 
-    python bench/key_mean_positions.py [--model gemma3] [--tokens 8192] [--format turboquant_3.5_mse]
+    python bench/key_mean_positions.py [--model gemma3] [--tokens 8192]
+                                       [--format turboquant_3.5_mse]
     python bench/key_mean_positions.py --sinks [--model smollm2]
 
 Keys are post-RoPE, so a per-head mean measured on the engine-start prompt (positions 0-1,023)
 rotates away from the keys of later positions in every RoPE pair that turns noticeably over the
 context. Here each layer is calibrated on that prompt with the key mean removed as the plugin
-does by default (in the heads where that shortens the sink's key), or in none, all K/V of one long window of the built-in text go through the codec, and 64-token query
+does by default (in the heads where that shortens the sink's key), or in none, all K/V of one
+long window of the built-in text go through the codec, and 64-token query
 chunks ending at 1k, 2k, 4k, ... attend over them (causal, the model's sliding windows, no exact
 copies). Printed: mean relative attention error vs exact, split into sliding-window and global
 layers. Pure PyTorch (the codec); runs on the CPU.

@@ -1,9 +1,10 @@
 """One layer's KV cache codec: encode K/V into paged bytes, read them back, decode.
 
 `LayerKVCodec` owns the per-(layer, KV head) state fixed at calibration: the channel splits (see
-outliers.py) and the per-head means removed before quantizing. Removing the key mean μ is free for
-attention (softmax is invariant to the per-query constant q·μ, so scores use centred keys directly),
-and done in the heads where it does not lengthen the attention sink's key (`_centre_keys`);
+outliers.py) and the per-head means removed before quantizing. Removing the key mean μ is free
+for attention (softmax is invariant to the per-query constant q·μ, so scores use centred keys
+directly), and done in the heads where it does not lengthen the attention sink's key
+(`_centre_keys`);
 the value mean is added back once to the attention output (Σ p = 1). Neither costs page bytes.
 
 The cache it works on is the layer's raw uint8 buffer viewed as [num_blocks, page_bytes]; slots are vLLM's flat slot

@@ -18,8 +18,9 @@ Outlier channels: each layer fixes its per-KV-head outlier split and key means f
 built-in calibration prompt the worker prefills when it starts (`engine_calibration.py`), or,
 where that is skipped, from the first real K/V it writes (dummy/profiling runs write only slot -1,
 and vLLM's GPU warm-up steps of dummy prompts are recognised, `warmup.py`: both are ignored).
-Every page that is ever read is written after that moment with that split, and the split never changes for the engine's lifetime, so pages reused
-by prefix caching or read after preemption/resume always decode with the split they were written with.
+Every page that is ever read is written after that moment with that split, and the split never
+changes for the engine's lifetime, so pages reused by prefix caching or read after
+preemption/resume always decode with the split they were written with.
 """
 from __future__ import annotations
 

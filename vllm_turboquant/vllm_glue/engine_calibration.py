@@ -75,7 +75,7 @@ def calibrate_worker(worker: Any) -> bool:
     layers = [impl for impl in turboquant_layers(worker.vllm_config) if not impl.calibrated]
     if not layers:
         return True
-    ids = calibration_ids(worker.vllm_config)
+    ids = _prompt_ids(worker.vllm_config)
     if ids is None:
         return False
     global _active
@@ -94,7 +94,7 @@ def calibrate_worker(worker: Any) -> bool:
     return done
 
 
-def calibration_ids(vllm_config) -> list[int] | None:
+def _prompt_ids(vllm_config) -> list[int] | None:
     """Token ids of the calibration prompt, or None (and why, in the log) where it is skipped."""
     want = options.calibration_tokens()
     model_config = vllm_config.model_config
@@ -102,13 +102,13 @@ def calibration_ids(vllm_config) -> list[int] | None:
         return None
     from vllm.tokenizers import cached_tokenizer_from_config
 
-    from ..quality.corpus import calibration_ids as text_ids
+    from ..quality.corpus import calibration_ids
 
     tokenizer = cached_tokenizer_from_config(model_config)
     if tokenizer is None:
         logger.info("TurboQuant: no tokenizer (skip_tokenizer_init); the first request calibrates")
         return None
-    ids = text_ids(tokenizer, min(want, model_config.max_model_len - 1))
+    ids = calibration_ids(tokenizer, min(want, model_config.max_model_len - 1))
     if max(ids) >= model_config.get_vocab_size():
         logger.info("TurboQuant: the tokenizer's ids exceed the model's vocabulary; the first "
                     "request calibrates")

@@ -4,9 +4,9 @@ vLLM 0.26's GPU worker (model runner v2) ends its start-up with `warmup_kernels`
 and decode step of dummy prompts (token ids 0, 1 in every request) through real KV-cache slots.
 Layers calibrate (outlier channels, key means) on the engine-start prompt that follows
 (engine_calibration.py), or, where that is skipped, on their first real write: without this, on
-two meaningless tokens. On the CPU that doubles Gemma-3-270M's
-attention error (bench/calibration_sample.py's setup); on the H100 its KL was 3x the CPU
-plugin's (0.091 vs 0.030; the CPU worker has no such warm-up). The warm-up's pages are never
+two meaningless tokens. On the CPU that doubles Gemma-3-270M's attention error
+(bench/calibration_sample.py's setup); on the H100 its KL was 3x the CPU plugin's (0.091 vs
+0.030; the CPU worker has no such warm-up). The warm-up's pages are never
 read again (its requests are dropped), so writing them uncalibrated is harmless.
 """
 from __future__ import annotations
