@@ -67,3 +67,33 @@ def test_needle_prompts_hide_the_code_at_the_requested_depth():
         assert text.count(code) == 1 and text.rstrip().endswith("assistant")
         where = text.index(code) / len(text)
         assert (where < 0.2) if cell.endswith("@0") else (where > 0.7)
+
+
+def test_needle_difference_is_paired_over_the_same_prompts():
+    same = [1, 0, 1, 1, 0]
+    assert tq_eval.paired_difference(same, same) == (0.0, 0.0)
+    # 8 of 40 prompts lost, none gained: -20 points, and the interval excludes 0
+    mean, half = tq_eval.paired_difference([1] * 12 + [0] * 28, [1] * 20 + [0] * 20)
+    assert mean == pytest.approx(-0.2) and 0 < half < 0.2
+    # the same accuracies from 8 lost and 8 gained prompts: no evidence either way
+    mean, half = tq_eval.paired_difference([0] * 8 + [1] * 8 + [0] * 24, [1] * 8 + [0] * 32)
+    assert mean == pytest.approx(0.0) and half > 0.1
+    with pytest.raises(ValueError, match="same"):
+        tq_eval.paired_difference([1, 0], [1])
+
+
+def test_markdown_reports_needle_difference_per_length():
+    ref = tq_eval.DtypeResult("auto", 512, ppl=10.0, kl_top20=0.0, top1=1.0,
+                              needle_hits={"1024@0": [1, 1], "1024@100": [1, 0],
+                                           "4096@0": [0, 0], "4096@100": [1, 1]})
+    fmt = tq_eval.DtypeResult("turboquant_3.5_mse", 116, ppl=10.1, kl_top20=0.02, top1=0.9,
+                              needle_hits={"1024@0": [1, 0], "1024@100": [1, 0],
+                                           "4096@0": [0, 0], "4096@100": [1, 1]})
+    for r in (ref, fmt):
+        r.needle = {c: sum(v) / len(v) for c, v in r.needle_hits.items()}
+    meta = dict(date="today", device="cpu", model="m", head_dim=64, windows=1, window=8, chunk=4,
+                needle_trials=2)
+    text = tq_eval.markdown([ref, fmt], meta, "cmd")
+    row = next(line for line in text.splitlines()
+               if line.startswith("| turboquant_3.5_mse | -25.0"))
+    assert row.split(" | ")[2].startswith("+0.0 (+0.0 to +0.0)")  # 4096: no prompt differs

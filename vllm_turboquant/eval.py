@@ -50,6 +50,7 @@ class DtypeResult:
     top1: float | None = None
     positions: int = 0
     needle: dict[str, float] = field(default_factory=dict)  # "length@depth" -> accuracy
+    needle_hits: dict[str, list[int]] = field(default_factory=dict)  # per trial, prompt order
     lm_eval: dict[str, float] = field(default_factory=dict)  # word_perplexity, bits_per_byte, ...
     error: str | None = None
     seconds: float = 0.0
@@ -149,7 +150,8 @@ def _chat_parts(tokenizer) -> tuple[list[int], list[int]]:
             tokenizer.encode(tail, add_special_tokens=False))
 
 
-def _needle_run(llm, prompts: list[tuple[str, str, list[int]]]) -> dict[str, float]:
+def _needle_run(llm, prompts: list[tuple[str, str, list[int]]]) -> dict[str, list[int]]:
+    """1/0 per trial and cell, in prompt order (every dtype gets the same prompts: paired)."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=32, temperature=0)  # the model restates the question first
@@ -157,7 +159,20 @@ def _needle_run(llm, prompts: list[tuple[str, str, list[int]]]) -> dict[str, flo
     hits: dict[str, list[int]] = {}
     for (cell, code, _), o in zip(prompts, outs):
         hits.setdefault(cell, []).append(int(code in o.outputs[0].text.replace(" ", "")))
-    return {cell: sum(v) / len(v) for cell, v in hits.items()}
+    return hits
+
+
+def paired_difference(hits: list[int], ref_hits: list[int]) -> tuple[float, float]:
+    """Mean of hits - ref_hits over the same prompts, and its 95% confidence half-width (normal
+    approximation of the per-prompt differences, each -1, 0 or 1). Pairing removes the prompts
+    both get right or both miss, so it resolves far smaller differences than two accuracies."""
+    if len(hits) != len(ref_hits) or not hits:
+        raise ValueError("paired needle results need the same, non-empty list of prompts")
+    d = [a - b for a, b in zip(hits, ref_hits)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
+    return mean, 1.96 * math.sqrt(var / n)
 
 
 def evaluate(cfg: dict, log=print, on_result=None) -> tuple[list[DtypeResult], dict]:
@@ -202,7 +217,8 @@ def evaluate(cfg: dict, log=print, on_result=None) -> tuple[list[DtypeResult], d
             if prompts:
                 with _engine(model, dtype, cfg.get("needle_chunk", 2048), cfg["max_model_len"],
                              device_args) as llm:
-                    r.needle = _needle_run(llm, prompts)
+                    r.needle_hits = _needle_run(llm, prompts)
+                r.needle = {c: sum(v) / len(v) for c, v in r.needle_hits.items()}
             if lm_docs:
                 r.lm_eval = lm_eval_ppl.perplexity(
                     model, dtype, lm_docs, max_model_len=lm_cfg.get("max_model_len", 1024),
@@ -288,6 +304,7 @@ def markdown(results: list[DtypeResult], meta: dict, command: str) -> str:
                 lines.append(f"| {r.dtype} | " + " | ".join(
                     f"{_mean(v for c, v in r.needle.items() if c.startswith(f'{n}@')):.3f}"
                     for n in lengths) + " |")
+        lines += _needle_vs_reference(results, lengths)
     lm_rows = [r for r in results if r.lm_eval]
     if lm_rows:
         lm_ref = next((r for r in lm_rows if r.dtype == "auto"), None)
@@ -303,6 +320,32 @@ def markdown(results: list[DtypeResult], meta: dict, command: str) -> str:
             rel_b = f"{100 * (b / lm_ref.lm_eval['bits_per_byte'] - 1):+.2f}%" if lm_ref else ""
             lines.append(f"| {r.dtype} | {w:.3f} | {rel_w} | {b:.4f} | {rel_b} |")
     return "\n".join(lines) + "\n"
+
+
+def _needle_vs_reference(results: list[DtypeResult], lengths: list[int]) -> list[str]:
+    """Per length, each dtype's accuracy minus auto's over the same prompts, in points, with a 95%
+    confidence interval: what "within 2 points of bf16" can be checked against."""
+    ref = next((r for r in results if r.dtype == "auto" and r.needle_hits), None)
+    rows = [r for r in results if r.needle_hits and r is not ref]
+    if ref is None or not rows:
+        return []
+
+    def per_length(r: DtypeResult, n: int) -> list[int]:
+        return [x for c in sorted(r.needle_hits) if c.startswith(f"{n}@")
+                for x in r.needle_hits[c]]
+
+    out = ["", "Needle accuracy minus auto's over the same prompts, points (95% confidence "
+           "interval of the paired difference):", "",
+           "| kv_cache_dtype | " + " | ".join(map(str, lengths)) + " |",
+           "|---|" + "---|" * len(lengths)]
+    for r in rows:
+        cells = []
+        for n in lengths:
+            mean, half = paired_difference(per_length(r, n), per_length(ref, n))
+            cells.append(f"{100 * mean:+.1f} ({100 * (mean - half):+.1f} to "
+                         f"{100 * (mean + half):+.1f})")
+        out.append(f"| {r.dtype} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _mean(values) -> float:
