@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .codec import FORMATS
 from .quality import corpus, lm_eval_ppl, prompt_logprobs
+from .quality.shared_gpu import start_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 NEEDLE = "The secret code is {code}. Remember it."
@@ -78,7 +79,7 @@ def llm_engine(**llm_args):
     """vLLM's LLM(**llm_args), shut down and released on exit (several engines run in turn)."""
     from vllm import LLM
 
-    llm = LLM(**llm_args)
+    llm = start_engine(lambda: LLM(**llm_args))
     try:
         yield llm
     finally:

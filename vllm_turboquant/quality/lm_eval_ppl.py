@@ -16,6 +16,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from .shared_gpu import start_engine
+
 from . import corpus
 
 TASK = "tq_local_ppl"
@@ -57,10 +59,10 @@ def perplexity(model: str, kv_cache_dtype: str, documents: list[str], *, max_mod
         data = Path(tmp) / "documents.jsonl"
         data.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
         (Path(tmp) / f"{TASK}.yaml").write_text(_TASK_YAML.format(task=TASK, data=data))
-        lm = VLLM(pretrained=model, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
-                  max_num_batched_tokens=chunk, enable_chunked_prefill=True,
-                  enable_prefix_caching=False, seed=0, batch_size="auto",
-                  **(engine_args or {}))
+        lm = start_engine(lambda: VLLM(
+            pretrained=model, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
+            max_num_batched_tokens=chunk, enable_chunked_prefill=True,
+            enable_prefix_caching=False, seed=0, batch_size="auto", **(engine_args or {})))
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=[TASK],
                                           task_manager=TaskManager(include_path=tmp),
