@@ -72,12 +72,14 @@ def dequantize_context(codec: LayerKVCodec, cache: torch.Tensor, block_table: to
     v = torch.empty(shape, dtype=dtype, device=cache.device)
     if span.max_tiles == 0:
         return k, v
-    st = (recent.key, recent.value, recent.tag) if recent is not None else (cache, cache, cache)
+    st = (recent.key, recent.value, recent.tag, recent.ring_of_row) if recent is not None \
+        else (cache,) * 4
     launch(
         tq_dequant.tq_dequant_kernel, (span.max_tiles, lay.num_kv_heads),
         cache, block_table, seq_lens, span.starts, span.cu_keys, span.cu_tiles, c.codebooks,
         c.tables, c.k_back, c.qjl_back, c.r_back, c.key_mean_kv, c.value_mean, k, v, *st,
         block_table.stride(0), lay.page_bytes, lay.head_stride, seq_lens.shape[0],
-        recent.rows if recent is not None else 0, recent.window if recent is not None else 1,
+        recent.ring_of_row.shape[0] if recent is not None else 0,
+        recent.window if recent is not None else 1,
         BLOCK_N=BLOCK_N, **page_constants(codec, c, cache.device, recent), num_warps=num_warps)
     return k, v

@@ -227,13 +227,15 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     part_l = torch.empty(num_tokens, hq, slots, **f32)
     part_o = torch.empty(num_tokens, hq, slots, d, **f32)
 
-    st = (recent.key, recent.value, recent.tag) if recent is not None else (cache, cache, cache)
+    st = (recent.key, recent.value, recent.tag, recent.ring_of_row) if recent is not None \
+        else (cache,) * 4
     args = (q, sq, cache, block_table, seq_lens, query_start_loc, tiles,
             c.codebooks, c.tables, part_m, part_l, part_o, *st,
             scale * LOG2E, q.stride(1), q.stride(0), block_table.stride(0), lay.page_bytes,
             lay.head_stride, per_split,
             slots, num_seqs, sliding_window or _NO_WINDOW,
-            recent.rows if recent is not None else 0, recent.window if recent is not None else 1)
+            recent.ring_of_row.shape[0] if recent is not None else 0,
+            recent.window if recent is not None else 1)
     # The launchers of this variant, built once (this runs every layer, every step, on the host).
     variant = (hq, block_q, block_m, block_n, context_only, recent is not None, return_lse,
                num_warps, num_stages, query.device.type)

@@ -49,13 +49,14 @@ def _find_seq(CU_TILES, tile, num_seqs):
 
 
 @triton.jit
-def _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, b, h, exact_lo, st_window,
+def _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, ring, h, exact_lo, st_window,
                   HKV: tl.constexpr, BS: tl.constexpr, OFF_KGO: tl.constexpr,
                   OFF_KGR: tl.constexpr):
-    """(entry index, has-exact-copy mask) [BLOCK_N]: an entry is this token's exact copy only if it
-    was written for this slot with the key norms the page holds now (checksum: their fp16 bits)."""
+    """(entry index, has-exact-copy mask) [BLOCK_N] in the sequence's ring: an entry is this
+    token's exact copy only if it was written for this slot with the key norms the page holds now
+    (checksum: their fp16 bits)."""
     slot = pos % BS
-    ent = ((b * st_window + pos % st_window) * HKV + h).to(tl.int64)
+    ent = ((ring * st_window + pos % st_window) * HKV + h).to(tl.int64)
     ex = tok_mask & (pos >= exact_lo)
     tag_slot = tl.load(ST_TAG + ent * 2, mask=ex, other=-1)
     tag_sum = tl.load(ST_TAG + ent * 2 + 1, mask=ex, other=0)
@@ -63,6 +64,14 @@ def _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, b, h, exact_lo, st_win
     g_r = _norm16(head_base, slot, ex, OFF_KGR).to(tl.int16, bitcast=True).to(tl.int32)
     chk = (g_o & 0xFFFF) | (g_r << 16)
     return ent, ex & (tag_slot == phys * BS + slot) & (tag_sum == chk)
+
+
+@triton.jit
+def _ring(ST_ROW, b, st_rows, seq_len, st_window):
+    """(ring of batch row b, first position it may hold exactly): -1 and 2^30 without a ring
+    (st_rows: the length of ST_ROW, the per-batch-row ring map of codec/recent.py)."""
+    ring = tl.load(ST_ROW + b, mask=b < st_rows, other=-1)
+    return ring, tl.where(ring >= 0, seq_len - st_window, 1 << 30)
 
 
 @triton.jit
@@ -140,7 +149,8 @@ def _sign_chunk(head_base, slot, tok_mask, CB, TAB, c: tl.constexpr, OFF_KS: tl.
 
 
 @triton.jit
-def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0, q1, sq0, sq1,
+def _tile(start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0, q1,
+          sq0, sq1,
           CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
           scale_log2e, stride_bt, page_bytes, head_stride, st_window,
           HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, N_O: tl.constexpr, U: tl.constexpr,
@@ -167,8 +177,8 @@ def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, 
     visible = (pos[None, :] < row_len[:, None]) & (pos[None, :] >= row_lo[:, None]) & \
         tok_mask[None, :]
     if RECENT:
-        ent, ex = _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, b, h, exact_lo, st_window,
-                                HKV, BS, OFF_KGO, OFF_KGR)
+        ent, ex = _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, ring, h, exact_lo,
+                                st_window, HKV, BS, OFF_KGO, OFF_KGR)
         if EXACT:
             visible = visible & ex[None, :]
         else:
@@ -220,7 +230,7 @@ def _tile(start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, 
                               "part_stride", "num_seqs", "window", "st_rows", "st_window"])
 def tq_attention_kernel(
     Q, SQ, CACHE, BLOCK_TABLE, SEQ_LENS, QUERY_START, CU_TILES,
-    CB, TAB, PART_M, PART_L, PART_O, ST_K, ST_V, ST_TAG,
+    CB, TAB, PART_M, PART_L, PART_O, ST_K, ST_V, ST_TAG, ST_ROW,
     scale_log2e, stride_qt, stride_qh, stride_bt, page_bytes, head_stride, tokens_per_split,
     part_stride, num_seqs, window, st_rows, st_window,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
@@ -276,10 +286,13 @@ def tq_attention_kernel(
     acc0 = tl.zeros([BLOCK_M, DC], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, DC], dtype=tl.float32)
 
-    # With exact copies (HAS_RECENT), a sequence's newest st_window positions (batch rows <
-    # st_rows) are left to a second, TAIL launch of this kernel, which writes one more split.
-    # Keeping them out of the main loop keeps its registers unspilled.
-    exact_lo = tl.where(b < st_rows, seq_len - st_window, 1 << 30)
+    # With exact copies (HAS_RECENT), the newest st_window positions of a sequence with a ring
+    # are left to a second, TAIL launch of this kernel, which writes one more split. Keeping
+    # them out of the main loop keeps its registers unspilled.
+    ring = b
+    exact_lo = seq_len * 0 + (1 << 30)
+    if HAS_RECENT:
+        ring, exact_lo = _ring(ST_ROW, b, st_rows, seq_len, st_window)
     row_min = tl.min(tl.where(row_ok, row_lo, seq_len), 0)
     if TAIL:
         lo = tl.maximum(row_min, exact_lo)
@@ -295,8 +308,8 @@ def tq_attention_kernel(
         for start in tl.range(first, hi, BLOCK_N):
             for exact in tl.static_range(2):  # tokens without an exact copy, then the copies
                 m_i, l_i, acc0, acc1 = _tile(
-                    start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0, q1,
-                    sq0, sq1, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
+                    start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1,
+                    q0, q1, sq0, sq1, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
                     scale_log2e, stride_bt, page_bytes, head_stride, st_window,
                     HKV, D, DC, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL,
                     True, exact == 1, USE_ASM, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR,
@@ -304,8 +317,8 @@ def tq_attention_kernel(
     else:
         for start in tl.range(first, hi, BLOCK_N):
             m_i, l_i, acc0, acc1 = _tile(
-                start, b, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0, q1,
-                sq0, sq1, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
+                start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0,
+                q1, sq0, sq1, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
                 scale_log2e, stride_bt, page_bytes, head_stride, st_window,
                 HKV, D, DC, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL, False,
                 False, USE_ASM, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN, OFF_VCO,

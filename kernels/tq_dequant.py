@@ -13,8 +13,8 @@ decoded tokens, as in the attention kernel.
 import triton
 import triton.language as tl
 
-from .tq_attention import (_chunk, _chunk_channels, _exact_copies, _find_seq, _norm16, _scales,
-                           _sign_chunk, _staged)
+from .tq_attention import (_chunk, _chunk_channels, _exact_copies, _find_seq, _norm16, _ring,
+                           _scales, _sign_chunk, _staged)
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def _back(x0, x1, M, h, D: tl.constexpr, DC: tl.constexpr):
 @triton.jit(do_not_specialize=["stride_bt", "num_seqs", "st_rows", "st_window"])
 def tq_dequant_kernel(
     CACHE, BLOCK_TABLE, SEQ_LENS, STARTS, CU_KEYS, CU_TILES, CB, TAB,
-    K_BACK, QJL_BACK, V_BACK, K_MEAN, V_MEAN, OUT_K, OUT_V, ST_K, ST_V, ST_TAG,
+    K_BACK, QJL_BACK, V_BACK, K_MEAN, V_MEAN, OUT_K, OUT_V, ST_K, ST_V, ST_TAG, ST_ROW,
     stride_bt, page_bytes, head_stride, num_seqs, st_rows, st_window,
     HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, N_O: tl.constexpr, U: tl.constexpr,
     BS: tl.constexpr, BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
@@ -86,8 +86,8 @@ def tq_dequant_kernel(
 
     if HAS_RECENT:
         seq_len = tl.load(SEQ_LENS + b)
-        exact_lo = tl.where(b < st_rows, seq_len - st_window, 1 << 30)
-        ent, ex = _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, b, h, exact_lo,
+        ring, exact_lo = _ring(ST_ROW, b, st_rows, seq_len, st_window)
+        ent, ex = _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, ring, h, exact_lo,
                                 st_window, HKV, BS, OFF_KGO, OFF_KGR)
         if tl.max(ex.to(tl.int32), 0) > 0:  # only the context's newest tiles can have copies
             c0 = _chunk_channels(0, DC, U)

@@ -91,3 +91,31 @@ def test_entries_stage_each_sequences_newest_tokens_only():
     entries = recent.entries(slots, qsl, seq_lens).tolist()
     # position 8 → row 0 entry 8 % 4; positions 14..19: only 16..19 staged, row 1 entries 4 + p % 4
     assert entries == [0, -1, -1, 4, 5, 6, 7, -1]
+
+
+def test_copies_follow_their_request_to_another_batch_row(setup):
+    """Written while the sequences sat in batch rows 0 and 1, read after the batch swapped them:
+    with the ring map following the requests the copies are still read; with a map that stayed
+    put each row would find the other request's entries, and reads compressed pages."""
+    codec, cache, table, dense, query, args = setup
+    ring_of_row = torch.tensor([0, 1], dtype=torch.int32)
+    recent = RecentTokens(rows=2, window=32, num_kv_heads=H, head_dim=D, ring_of_row=ring_of_row)
+    for row, length in enumerate((30, 50)):
+        _stage_prompt(recent, codec, cache, table, row, dense[row], length)
+    expected = paged_attention(codec, query, cache, *args, recent=recent)
+    swap = torch.tensor([1, 0])
+    swapped_args = (args[0][swap], args[1][swap], *args[2:])
+    ring_of_row.copy_(torch.tensor([1, 0], dtype=torch.int32))  # the requests' rings, new order
+    got = paged_attention(codec, query[swap], cache, *swapped_args, recent=recent)
+    torch.testing.assert_close(got, expected[swap])
+    ring_of_row.copy_(torch.tensor([0, 1], dtype=torch.int32))  # a map indexed by batch row
+    stale = paged_attention(codec, query[swap], cache, *swapped_args, recent=recent)
+    torch.testing.assert_close(stale, paged_attention(codec, query[swap], cache, *swapped_args))
+
+
+def test_entries_go_to_the_ring_of_each_batch_row():
+    ring_of_row = torch.tensor([3, -1], dtype=torch.int32)
+    recent = RecentTokens(rows=4, window=4, num_kv_heads=1, head_dim=D, ring_of_row=ring_of_row)
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    entries = recent.entries(torch.tensor([100, 200]), qsl, torch.tensor([9, 20], dtype=torch.int32))
+    assert entries.tolist() == [3 * 4 + 8 % 4, -1]  # row 1 has no ring: not staged

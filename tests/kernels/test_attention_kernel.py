@@ -148,14 +148,15 @@ def test_sliding_window_never_reads_pages_before_the_window(gen):
     assert torch.isfinite(got).all() and _rel_err(got, want) <= 1e-2
 
 
-def stage_newest(codec, cache, table, dense, seq_lens, rows, window, gen):
-    """Exact copies of each sequence's newest `window` tokens for batch rows < rows (block size
-    16); then row 1's newest 10 slots are rewritten by another request (its copies go stale)."""
+def stage_newest(codec, cache, table, dense, seq_lens, rows, window, gen, ring_of_row=None):
+    """Exact copies of each sequence's newest `window` tokens for batch rows < rows (or those
+    ring_of_row gives a ring; block size 16); then row 1's newest 10 slots are rewritten by
+    another request (its copies go stale)."""
     from vllm_turboquant.codec import RecentTokens
 
     lay = codec.layout
     recent = RecentTokens(rows=rows, window=window, num_kv_heads=lay.num_kv_heads,
-                          head_dim=lay.head_dim)
+                          head_dim=lay.head_dim, ring_of_row=ring_of_row)
     for row, n in enumerate(seq_lens):
         slots = table[row].long().repeat_interleave(16)[:n] * 16 + torch.arange(n) % 16
         qsl = torch.tensor([0] * (row + 1) + [n], dtype=torch.int32)
@@ -170,16 +171,20 @@ def stage_newest(codec, cache, table, dense, seq_lens, rows, window, gen):
 
 @pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
 @pytest.mark.parametrize("d,kv_heads,sliding_window", [(64, 2, None), (256, 1, 20)])
-def test_newest_tokens_read_from_their_exact_copies(name, d, kv_heads, sliding_window, gen):
-    # Rows 0-2 are staged (row 1's entries then go stale: its pages are rewritten), row 3 is
-    # beyond the buffer; decode, a chunk and speculative tokens; 2 splits cut through the window.
+@pytest.mark.parametrize("rings", [None, [2, 0, 1, -1]])
+def test_newest_tokens_read_from_their_exact_copies(name, d, kv_heads, sliding_window, rings,
+                                                    gen):
+    # Rows 0-2 are staged (row 1's entries then go stale: its pages are rewritten), row 3 has no
+    # ring; decode, a chunk and speculative tokens; 2 splits cut through the window. Rings: batch
+    # row b's ring (the engine maps each request to its own ring): by default b itself.
     from vllm_turboquant.codec import RecentTokens
 
     gqa, window = 4, 32
     codec = _codec(name, d, kv_heads, 16, gen)
     seq_lens, q_lens = [33, 45, 70, 9], [1, 5, 3, 1]
     cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
-    recent = stage_newest(codec, cache, table, dense, seq_lens, 3, window, gen)
+    ring_of_row = torch.tensor(rings, dtype=torch.int32) if rings else None
+    recent = stage_newest(codec, cache, table, dense, seq_lens, 3, window, gen, ring_of_row)
     qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     query = torch.randn(int(qsl[-1]), kv_heads * gqa, d, generator=gen)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
@@ -189,7 +194,8 @@ def test_newest_tokens_read_from_their_exact_copies(name, d, kv_heads, sliding_w
                             sliding_window=sliding_window)
     assert _rel_err(plain, want) > 0.05  # the exact copies change the answer
     on = lambda t: t.to(DEVICE)  # noqa: E731
-    staged = RecentTokens(rows=3, window=window, num_kv_heads=kv_heads, head_dim=d, device=DEVICE)
+    staged = RecentTokens(rows=3, window=window, num_kv_heads=kv_heads, head_dim=d, device=DEVICE,
+                          ring_of_row=on(recent.ring_of_row))
     staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
     got = varlen_attention(codec, on(query), on(cache), on(table), on(lens), on(qsl), d ** -0.5,
                            max(q_lens), sliding_window, num_splits=2, recent=staged)

@@ -52,21 +52,24 @@ def test_device_limit_clips_host_upper_bounds(gen):
 
 @pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
 @pytest.mark.parametrize("d,kv_heads", [(64, 2), (256, 1)])
-def test_exact_copies_replace_their_decoded_tokens(name, d, kv_heads, gen):
+@pytest.mark.parametrize("rings", [None, [1, 0, -1]])
+def test_exact_copies_replace_their_decoded_tokens(name, d, kv_heads, rings, gen):
     # Row 0 staged and current, row 1's newest slots rewritten by another request (stale copies),
-    # row 2 beyond the buffer.
+    # row 2 without a ring (rings: each batch row's ring; by default the row itself).
     window = 32
     codec = _codec(name, d, kv_heads, 16, gen)
     seq_lens = [45, 60, 50]
     cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
-    recent = stage_newest(codec, cache, table, dense, seq_lens, 2, window, gen)
+    ring_of_row = torch.tensor(rings, dtype=torch.int32) if rings else None
+    recent = stage_newest(codec, cache, table, dense, seq_lens, 2, window, gen, ring_of_row)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     starts, ends = torch.tensor([0, 0, 0]), torch.tensor(seq_lens)
     want_k, want_v = context_kv(codec, cache, table, lens, starts, ends, recent=recent)
     plain_k, _ = context_kv(codec, cache, table, lens, starts, ends)
     assert _rel_err(plain_k, want_k) > 0.02  # the copies change the answer
     assert torch.allclose(want_k[20:45], dense[0][0][20:45], atol=1e-2)  # row 0's newest, exact
-    staged = RecentTokens(rows=2, window=window, num_kv_heads=kv_heads, head_dim=d, device=DEVICE)
+    staged = RecentTokens(rows=2, window=window, num_kv_heads=kv_heads, head_dim=d, device=DEVICE,
+                          ring_of_row=on(recent.ring_of_row))
     staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
     got_k, got_v = _decode(codec, cache, table, lens, starts, ends, recent=staged)
     assert _rel_err(got_k, want_k) <= 1e-2 and _rel_err(got_v, want_v) <= 1e-2

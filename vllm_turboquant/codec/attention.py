@@ -157,5 +157,5 @@ def _exact_tokens(recent: RecentTokens, row: int, rows: dict[str, torch.Tensor],
     mask = recent.lookup(row, pos, slots, checksum_from_rows(rows))
     newest = (length if seq_len is None else seq_len) - recent.window
     mask &= (pos >= newest).unsqueeze(-1).to(mask.device)
-    e = (row * recent.window + pos % recent.window).long().clamp(max=recent.key.shape[0] - 1)
+    e = recent.entry(max(recent.ring(row), 0), pos).clamp(max=recent.key.shape[0] - 1)
     return ExactTokens(mask, recent.key[e].to(mask.device), recent.value[e].to(mask.device))

@@ -13,6 +13,8 @@ codec. Uniform decode batches are CUDA-graph safe (no host syncs): vLLM captures
 Newest tokens exact: every layer keeps fp16 copies of each running sequence's newest
 TURBOQUANT_EXACT_RECENT tokens (codec/recent.py), written with the pages and read instead of them
 where their tags match; the buffer is allocated with the layer, before vLLM measures free memory.
+Each request keeps one ring of copies for its lifetime (`ring_rows.py`), wherever the model
+runner puts it in a step's batch.
 
 Outlier channels: each layer fixes its per-KV-head outlier split and key means from the K/V of a
 built-in calibration prompt the worker prefills when it starts (`engine_calibration.py`), or,
@@ -38,6 +40,7 @@ from ..codec.layout import BLOCK_SIZE_MULTIPLE
 from ..kernels import to_device_async
 from . import options
 from .engine_calibration import calibrate_at_engine_start, calibrating
+from .ring_rows import current_engine_rings, engine_rings, track_request_order
 from .warmup import in_vllm_warmup, watch_vllm_warmup
 
 if TYPE_CHECKING:
@@ -190,6 +193,9 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             seq_lens = cam.seq_lens_cpu_upper_bound
             seq_lens = (cam.seq_lens_cpu if seq_lens is None else seq_lens)[:num_reqs]
         qsl = cam.query_start_loc_cpu
+        rings = current_engine_rings()
+        if rings is not None:  # this step's batch rows -> their requests' exact-copy rings
+            rings.update()
         return TurboQuantMetadata(
             num_actual_tokens=cam.num_actual_tokens,
             num_reqs=num_reqs,
@@ -463,10 +469,14 @@ def _recent_tokens(num_kv_heads: int, head_size: int) -> RecentTokens | None:
     window, config = options.exact_recent(), get_current_vllm_config_or_none()
     if window == 0 or config is None:
         return None
-    rows = options.exact_rows(config.scheduler_config.max_num_seqs)
+    max_seqs = config.scheduler_config.max_num_seqs
+    rows = options.exact_rows(max_seqs)
     if rows == 0:
         return None
-    return RecentTokens(rows, window, num_kv_heads, head_size, config.device_config.device)
+    device = config.device_config.device
+    track_request_order()
+    rings = engine_rings(config, rows, max_seqs, device)
+    return RecentTokens(rows, window, num_kv_heads, head_size, device, rings.ring_of_row)
 
 
 def _context_queries(qsl: torch.Tensor, seq_lens: torch.Tensor, device: torch.device,
