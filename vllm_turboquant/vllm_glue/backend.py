@@ -474,6 +474,17 @@ def _recent_tokens(num_kv_heads: int, head_size: int) -> RecentTokens | None:
     if rows == 0:
         return None
     device = config.device_config.device
+    if rows < max_seqs:
+        from vllm.logger import init_logger
+
+        # under "vllm.": vLLM's handlers print it in every process (ours would need their own)
+        init_logger("vllm.turboquant").warning_once(
+            "TurboQuant keeps exact copies of the newest %d tokens for %d running requests "
+            "(TURBOQUANT_EXACT_ROWS) but max_num_seqs is %d: requests beyond %d read those "
+            "tokens compressed. Set TURBOQUANT_EXACT_ROWS=%d (%.1f MiB per layer) or "
+            "--max-num-seqs %d for every request to get them.", window, rows, max_seqs, rows,
+            max_seqs, RecentTokens.nbytes_per_layer(max_seqs, window, num_kv_heads, head_size)
+            / 2**20, rows)
     track_request_order()
     rings = engine_rings(config, rows, max_seqs, device)
     return RecentTokens(rows, window, num_kv_heads, head_size, device, rings.ring_of_row)

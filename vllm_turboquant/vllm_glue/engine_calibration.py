@@ -28,7 +28,7 @@ from vllm.logger import init_logger
 
 from . import options
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.turboquant")  # vLLM's handlers print it (INFO) in its processes
 
 _WORKERS = (("vllm.v1.worker.gpu_worker", "Worker"), ("vllm.v1.worker.cpu_worker", "CPUWorker"))
 _REQUEST_ID = "_turboquant_calibration_"
