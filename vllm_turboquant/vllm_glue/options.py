@@ -7,8 +7,8 @@ TURBOQUANT_CENTER_KEYS=1         remove a KV head's key mean before quantizing w
                                  lengthen the attention sink's key (default 1; 0: never)
 TURBOQUANT_EXACT_RECENT=64       each sequence reads its newest N tokens exactly (fp16 copies beside
                                  the pages; 0 turns it off)
-TURBOQUANT_EXACT_ROWS=N          how many running sequences get those copies (default
-                                 min(max_num_seqs, 256)); memory per layer:
+TURBOQUANT_EXACT_ROWS=N          how many running requests get those copies, one ring each
+                                 (default min(max_num_seqs, 256)); memory per layer:
                                  rows · N · kv_heads · (4 · head_dim + 8) bytes
 TURBOQUANT_CALIBRATION_TOKENS=1024
                                  tokens of built-in text every layer calibrates on when the
