@@ -75,3 +75,23 @@ def test_wrapped_runners_report_the_step_order(monkeypatch):
     step = ring_rows.step_request_order()[0]
     assert isinstance(Runner().prepare_inputs(None, None), Batch)
     assert ring_rows.step_request_order() == (step + 1, ["b", "a"])
+
+
+def test_the_engine_map_follows_each_reported_step(monkeypatch):
+    from vllm_turboquant.vllm_glue import ring_rows
+
+    monkeypatch.setattr(ring_rows, "_step_req_ids", None)
+    rings = ring_rows.EngineRings(rings=2, batch_rows=4, device="cpu")
+    assert rings.ring_of_row.tolist() == [0, 1, -1, -1]  # before any step: batch row = ring
+    ring_rows._record(["x", "y", "z"])
+    rings.update()
+    assert rings.ring_of_row[:3].tolist() == [0, 1, -1]
+    ring_rows._record(["z", "y"])  # "x" finished: "z" takes its ring, "y" keeps its own
+    rings.update()
+    assert rings.ring_of_row[:2].tolist() == [0, 1]
+    rings.ring_of_row[0] = 7
+    rings.update()  # the same step again (another KV-cache group's builder): nothing changes
+    assert rings.ring_of_row[0] == 7
+    ring_rows._record(None)  # outside a runner step (warm-up, capture): the map stays
+    rings.update()
+    assert rings.ring_of_row[0] == 7

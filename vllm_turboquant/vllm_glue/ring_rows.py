@@ -129,6 +129,8 @@ class EngineRings:
         step, req_ids = step_request_order()
         if req_ids is None or step == self._step:
             return
+        if self.ring_of_row.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # a graph must not capture this copy (its pinned source is freed after)
         self._step = step
         rings = self.assigner.assign(req_ids[: self.ring_of_row.shape[0]])
         if self._last is not None and np.array_equal(rings, self._last):
