@@ -4,9 +4,10 @@ The exact copies of a sequence's newest tokens live in one ring per request. Ind
 request's position in the step's batch loses them whenever that position changes: vLLM's GPU model
 runner v2 orders every step's batch decodes first (a prompt's last chunk is written at one
 position and its first decode step reads at another, so a prompt's newest tokens were never read
-exactly), and any request that finishes shifts the ones behind it. Measured on an H100 (needle at
-the end of 1,024-8,000-token prompts, 30 trials per length): SmolLM2 turboquant_3.5_mse 0.77-0.80
-vs 0.90-0.97 for bf16, where the CPU runner, whose batch rows move rarely, lost 4 points.
+exactly), and any request that finishes shifts the ones behind it. The symptom, on an H100 with
+rings per batch position (needle at the end of 1,024-8,000-token prompts, 30 trials per length):
+SmolLM2 turboquant_3.5_mse 0.77-0.80 vs 0.90-0.97 for bf16; the CPU runner, whose batch rows move
+rarely, lost 4 points there (0.50 without the copies).
 
 So rings belong to request ids: a request keeps its ring while it runs; a new one takes a free
 ring or the least recently scheduled one's; when every ring is held by a request of the step,
