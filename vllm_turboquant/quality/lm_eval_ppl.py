@@ -16,9 +16,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from .shared_gpu import start_engine
-
 from . import corpus
+from .shared_gpu import start_engine
 
 TASK = "tq_local_ppl"
 _TASK_YAML = """task: {task}

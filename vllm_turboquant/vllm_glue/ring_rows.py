@@ -101,7 +101,7 @@ def _wrap_v1(inner):
     @functools.wraps(inner)
     def _prepare_inputs(self, *args, **kwargs):
         batch = self.input_batch  # already in the step's order (reordered in _update_states)
-        _record([r for r in batch.req_ids[: batch.num_reqs]])
+        _record(list(batch.req_ids[: batch.num_reqs]))
         try:
             return inner(self, *args, **kwargs)
         except BaseException:
@@ -120,6 +120,7 @@ class EngineRings:
         self.assigner = RingRows(rings)
         self.ring_of_row = identity_rings(max(batch_rows, rings), rings, device)
         self._step = -1
+        self._last_ids: list[str] | None = None
         self._last: np.ndarray | None = None
 
     def update(self) -> None:
@@ -133,9 +134,12 @@ class EngineRings:
         if self.ring_of_row.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # a graph must not capture this copy (its pinned source is freed after)
         self._step = step
+        if req_ids == self._last_ids:
+            return  # steady decode: the same requests in the same order, the same rings
+        self._last_ids = req_ids
         rings = self.assigner.assign(req_ids[: self.ring_of_row.shape[0]])
         if self._last is not None and np.array_equal(rings, self._last):
-            return  # steady decode: the same requests in the same order
+            return
         self._last = rings
         self.ring_of_row[: len(rings)].copy_(to_device_async(torch.from_numpy(rings),
                                                              self.ring_of_row.device))
