@@ -1,7 +1,7 @@
 """Engine starts that lose a GPU memory race with another process are retried; others are not."""
 import pytest
 
-from vllm_turboquant.quality.shared_gpu import start_engine
+from vllm_turboquant.quality.shared_gpu import chunked_prefill_args, start_engine
 
 
 def _flaky(failures: list[Exception]):
@@ -35,3 +35,13 @@ def test_a_race_that_never_clears_is_raised_after_the_last_try():
     with pytest.raises(AssertionError):
         start_engine(make, tries=3, pause_s=0, log=lambda s: None)
     assert len(calls) == 3
+
+
+def test_chunked_prefill_caps_max_num_seqs_at_the_chunk():
+    # vLLM rejects max_num_seqs > max_num_batched_tokens at engine start (the GPU eval configs'
+    # 256 sequences with 64-token chunks once failed every dtype that way).
+    args = chunked_prefill_args(64, {"max_num_seqs": 256, "gpu_memory_utilization": 0.1})
+    assert args == {"max_num_seqs": 64, "gpu_memory_utilization": 0.1,
+                    "max_num_batched_tokens": 64, "enable_chunked_prefill": True}
+    assert chunked_prefill_args(8192, {"max_num_seqs": 256})["max_num_seqs"] == 256
+    assert "max_num_seqs" not in chunked_prefill_args(64)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .codec import FORMATS
 from .quality import corpus, lm_eval_ppl, prompt_logprobs
-from .quality.shared_gpu import start_engine
+from .quality.shared_gpu import chunked_prefill_args, start_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 NEEDLE = "The secret code is {code}. Remember it."
@@ -91,8 +91,8 @@ def llm_engine(**llm_args):
 
 def _engine(model: str, dtype: str, chunk: int, max_model_len: int, device_args: dict):
     return llm_engine(model=model, kv_cache_dtype=dtype, max_model_len=max_model_len,
-                      max_num_batched_tokens=max(chunk, 1), enable_chunked_prefill=True,
-                      enable_prefix_caching=False, seed=0, max_logprobs=20, **device_args)
+                      enable_prefix_caching=False, seed=0, max_logprobs=20,
+                      **chunked_prefill_args(chunk, device_args))
 
 
 def _quality_run(llm, windows: list[list[int]]) -> list:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from . import corpus
-from .shared_gpu import start_engine
+from .shared_gpu import chunked_prefill_args, start_engine
 
 TASK = "tq_local_ppl"
 _TASK_YAML = """task: {task}
@@ -60,8 +60,8 @@ def perplexity(model: str, kv_cache_dtype: str, documents: list[str], *, max_mod
         (Path(tmp) / f"{TASK}.yaml").write_text(_TASK_YAML.format(task=TASK, data=data))
         lm = start_engine(lambda: VLLM(
             pretrained=model, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
-            max_num_batched_tokens=chunk, enable_chunked_prefill=True,
-            enable_prefix_caching=False, seed=0, batch_size="auto", **(engine_args or {})))
+            enable_prefix_caching=False, seed=0, batch_size="auto",
+            **chunked_prefill_args(chunk, engine_args)))
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=[TASK],
                                           task_manager=TaskManager(include_path=tmp),

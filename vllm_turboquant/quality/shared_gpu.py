@@ -5,6 +5,8 @@ process frees or takes GPU memory meanwhile ("Error in memory profiling", "No av
 the cache blocks"). Two evaluations side by side on one GPU (each engine within its
 gpu_memory_utilization) hit that whenever one starts while the other switches engines: such a
 start is retried after a pause instead of losing the dtype's results.
+
+The eval's engines also share one way of prefilling in small chunks (`chunked_prefill_args`).
 """
 from __future__ import annotations
 
@@ -32,3 +34,14 @@ def start_engine(make: Callable[[], T], tries: int = 4, pause_s: float = 30.0,
                 f"{pause_s:.0f} s ({attempt}/{tries - 1})")
             time.sleep(pause_s)
     raise AssertionError("unreachable")
+
+
+def chunked_prefill_args(chunk: int, engine_args: dict | None = None) -> dict:
+    """Engine arguments that prefill in chunks of `chunk` tokens (max_num_batched_tokens), with
+    the caller's `engine_args`. vLLM refuses max_num_seqs > max_num_batched_tokens, so a config's
+    max_num_seqs (sized for long needle chunks) is capped at the chunk."""
+    args = dict(engine_args or {})
+    chunk = max(int(chunk), 1)
+    if "max_num_seqs" in args:
+        args["max_num_seqs"] = min(int(args["max_num_seqs"]), chunk)
+    return dict(args, max_num_batched_tokens=chunk, enable_chunked_prefill=True)
