@@ -136,6 +136,9 @@ def main() -> None:
     ap.add_argument("--formats", default="turboquant_3.5,turboquant_3.5_mse")
     ap.add_argument("--exact", type=int, default=64,
                     help="also time each format with this many exact newest tokens (0: don't)")
+    ap.add_argument("--swap", choices=("default", "both"), default="default",
+                    help="both: also time each format in tq_attention's SWAP orientation (query "
+                         "rows as the mma's N dimension) and in the other one")
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true",
                     help="time BLOCK_N x num_warps x num_stages x programs and exit")
@@ -152,11 +155,16 @@ def main() -> None:
         for ctx in map(int, args.contexts.split(",")):
             cases = [("FA3 bf16", lambda: fa3_case(batch, ctx, False)),
                      ("FA3 fp8", lambda: fa3_case(batch, ctx, True))]
+            swaps = {"default": [None], "both": [False, True]}[args.swap]
             for f in args.formats.split(","):
-                cases.append((f, lambda f=f: turboquant_case(f, batch, ctx)))
-                if args.exact:
-                    cases.append((f"{f} + newest {args.exact} exact",
-                                  lambda f=f: turboquant_case(f, batch, ctx, args.exact)))
+                for swap in swaps:
+                    tag = {None: "", False: " (rows as M)", True: " (rows as N, swap)"}[swap]
+                    cases.append((f + tag, lambda f=f, sw=swap: turboquant_case(f, batch, ctx,
+                                                                                swap=sw)))
+                    if args.exact:
+                        cases.append((f"{f}{tag} + newest {args.exact} exact",
+                                      lambda f=f, sw=swap: turboquant_case(f, batch, ctx,
+                                                                           args.exact, swap=sw)))
             base = None
             for name, make in cases:
                 try:

@@ -40,6 +40,9 @@ def decode_tile_shape(head_dim: int) -> tuple[int, int, int]:
     return (64, 1, 2) if head_dim <= 128 else (128, 4, 3)
 
 
+# Single-token tiles in tq_attention's SWAP orientation: the query rows padded to 8, not 16, take
+# the kernel from 255 to 168 registers (H100: 16 x 32k decode 540 -> 472 us; docs/kernel_decode.md).
+SWAP_DECODE = True
 _TAIL_BLOCK_N = 64  # the exact-copies launch covers ~64 positions per sequence
 _MERGE_BLOCK_S = 16  # splits per merge step
 
@@ -183,7 +186,8 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
                      block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, target_programs: int | None = None,
                      recent: RecentTokens | None = None, context_only: bool = False,
-                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     return_lse: bool = False, swap: bool | None = None,
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequence i owns queries query[qsl[i]:qsl[i+1]] ([T, Hq, d]), the last positions of its
     seq_lens[i] tokens, whose K/V are already in the cache [num_blocks, page_bytes]. Causal.
     max_query_len only picks the tile shape (any upper bound works). With `recent`, sequence i
@@ -191,7 +195,9 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     context_only: attend to the earlier context only, not to the queries' own positions (the
     caller attends those exactly and merges with `merge_attention`).
     Returns [T, Hq, d] float32, and with return_lse the base-2 log-sum-exp of the scaled scores
-    [T, Hq] (-inf for a row that saw no key)."""
+    [T, Hq] (-inf for a row that saw no key).
+    swap: single-token tiles with the query rows as the mma's N dimension (tq_attention's SWAP);
+    None: the default (SWAP_DECODE)."""
     lay = codec.layout
     num_tokens, hq, d = query.shape
     num_seqs = seq_lens.shape[0]
@@ -200,7 +206,8 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
 
     g_p2 = next_pow2(c.group)
     block_q = 1 if max_query_len == 1 else max(1, 64 // g_p2)
-    block_m = max(16, block_q * g_p2)
+    swap = (SWAP_DECODE if swap is None else swap) and block_q == 1 and g_p2 <= 8
+    block_m = max(8 if swap else 16, block_q * g_p2)
     shape = (*decode_tile_shape(d), _DECODE_PROGRAMS) if block_q == 1 else \
         (PREFILL_BLOCK_N, 4, None, _PREFILL_PROGRAMS)
     block_n, num_warps, num_stages, target_programs = (
@@ -238,12 +245,12 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
             recent.window if recent is not None else 1)
     # The launchers of this variant, built once (this runs every layer, every step, on the host).
     variant = (hq, block_q, block_m, block_n, context_only, recent is not None, return_lse,
-               num_warps, num_stages, query.device.type)
+               num_warps, num_stages, swap, query.device.type)
     launchers = c.launchers.get(variant)
     if launchers is None:
         launchers = c.launchers[variant] = _attention_launchers(
             codec, c, query.device, recent, hq, g_p2, block_q, block_m, block_n, context_only,
-            return_lse, num_warps, num_stages)
+            return_lse, num_warps, num_stages, swap)
     main, tail, merge = launchers
     main((max_tiles, lay.num_kv_heads, num_splits), *args)
     if recent is not None:
@@ -266,10 +273,10 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
 def _attention_launchers(codec: LayerKVCodec, c: AttentionConstants, device: torch.device,
                          recent: RecentTokens | None, hq: int, g_p2: int, block_q: int,
                          block_m: int, block_n: int, context_only: bool, return_lse: bool,
-                         num_warps: int, num_stages: int | None) -> tuple:
+                         num_warps: int, num_stages: int | None, swap: bool) -> tuple:
     """(main, exact-copy tail, merge) launchers of one attention variant."""
     meta = dict(HQ=hq, G=c.group, G_P2=g_p2, BLOCK_Q=block_q, BLOCK_M=block_m,
-                CONTEXT_ONLY=context_only, **page_constants(codec, c, device, recent),
+                CONTEXT_ONLY=context_only, SWAP=swap, **page_constants(codec, c, device, recent),
                 num_warps=num_warps)
     if num_stages is not None:  # else Triton's default
         meta["num_stages"] = num_stages

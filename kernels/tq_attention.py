@@ -3,7 +3,10 @@
 One program per (query tile, KV head, split of the context). A query tile is up to BLOCK_Q query
 tokens of one sequence; its rows (token × GQA head) are the M dimension of every tl.dot, so decode
 (BLOCK_Q = 1: the GQA group, padded to 16 rows), chunked prefill, prefix hits and speculative tokens
-run the same loop. Each row has its own causal length (and sliding-window start).
+run the same loop. Each row has its own causal length (and sliding-window start). Decode tiles
+(at most 8 rows) run transposed (SWAP): scoresᵀ = k · qᵀ and accᵀ = vᵀ · pᵀ put the rows in the
+mma's N dimension, padded to 8 instead of 16, which halves the accumulator, the mma count and the
+softmax work of a GQA group of 4 (255 → 168 registers per thread on an H100).
 
 Per tile of BLOCK_N cached tokens (spanning BLOCK_N / BS pages, gathered through the block table):
 bit planes are loaded as 32-bit words (16-bit at head_dim 64) and decoded in registers to fp16
@@ -75,14 +78,57 @@ def _ring(ST_ROW, b, st_rows, seq_len, st_window):
 
 
 @triton.jit
-def _online_softmax(s, visible, m_i, l_i, scale_log2e):
-    """Scores [M, N] of one tile into the running max/sum → (p, alpha, m_new, l_new)."""
+def _online_softmax(s, visible, m_i, l_i, scale_log2e, SWAP: tl.constexpr):
+    """Scores of one tile ([M, N], or [N, M] with SWAP) into the running max/sum of the M query
+    rows → (p, alpha, m_new, l_new)."""
+    AX: tl.constexpr = 0 if SWAP else 1
     s = tl.where(visible, s * scale_log2e, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, AX))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    p = tl.exp2(s - _per_row(m_safe, SWAP))
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, AX)
+
+
+# Orientation. By default a tile's scores are [M query rows, N tokens] = q · kᵀ and the
+# accumulator is [M, channels]: the query rows are the mma's M dimension, padded to 16. SWAP
+# (decode, M <= 8) computes the transposes, scoresᵀ = k · qᵀ and accᵀ = vᵀ · pᵀ, so the query rows
+# are the mma's N dimension, padded only to 8: half the accumulator registers, mma instructions
+# and softmax work of a GQA group of 4.
+@triton.jit
+def _per_row(x, SWAP: tl.constexpr):
+    """A per-query-row vector [M] broadcast against scores or accumulators."""
+    if SWAP:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _per_token(x, SWAP: tl.constexpr):
+    """A per-token vector [N] broadcast against scores."""
+    if SWAP:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
+def _qk(q, k, SWAP: tl.constexpr):
+    """Scores of queries q ([M, DC], or [DC, M] with SWAP) against a key tile k [N, DC]."""
+    if SWAP:
+        return tl.dot(k, q)
+    else:
+        return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _pv(p, v, SWAP: tl.constexpr):
+    """Probabilities p ([M, N], or [N, M] with SWAP) times a value tile v [N, DC]."""
+    if SWAP:
+        return tl.dot(tl.trans(v), p)
+    else:
+        return tl.dot(p, v)
 
 
 @triton.jit
@@ -156,7 +202,7 @@ def _tile(start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, 
           HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, N_O: tl.constexpr, U: tl.constexpr,
           BS: tl.constexpr, BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
           VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr, RECENT: tl.constexpr,
-          EXACT: tl.constexpr, USE_ASM: tl.constexpr,
+          EXACT: tl.constexpr, USE_ASM: tl.constexpr, SWAP: tl.constexpr,
           OFF_KCO: tl.constexpr, OFF_KCR: tl.constexpr, OFF_KS: tl.constexpr,
           OFF_KGO: tl.constexpr, OFF_KGR: tl.constexpr, OFF_KRN: tl.constexpr,
           OFF_VCO: tl.constexpr, OFF_VCR: tl.constexpr, OFF_VGO: tl.constexpr,
@@ -174,54 +220,55 @@ def _tile(start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, 
     phys = tl.load(BLOCK_TABLE + b * stride_bt + pos // BS, mask=tok_mask, other=0)
     head_base = CACHE + phys.to(tl.int64) * page_bytes + h * head_stride  # [BLOCK_N] pointers
     slot = pos % BS
-    visible = (pos[None, :] < row_len[:, None]) & (pos[None, :] >= row_lo[:, None]) & \
-        tok_mask[None, :]
+    p_col = _per_token(pos, SWAP)
+    visible = (p_col < _per_row(row_len, SWAP)) & (p_col >= _per_row(row_lo, SWAP)) & \
+        _per_token(tok_mask, SWAP)
     if RECENT:
         ent, ex = _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, ring, h, exact_lo,
                                 st_window, HKV, BS, OFF_KGO, OFF_KGR)
         if EXACT:
-            visible = visible & ex[None, :]
+            visible = visible & _per_token(ex, SWAP)
         else:
-            visible = visible & (ex == 0)[None, :]
+            visible = visible & _per_token(ex == 0, SWAP)
 
     TWO: tl.constexpr = DC < D
     if EXACT:
         c0 = _chunk_channels(0, DC, U)
-        s = tl.dot(q0, tl.trans(_staged(ST_K, ent, ex, c0, D)))
+        s = _qk(q0, _staged(ST_K, ent, ex, c0, D), SWAP)
         if TWO:
             c1 = _chunk_channels(1, DC, U)
-            s += tl.dot(q1, tl.trans(_staged(ST_K, ent, ex, c1, D)))
-        p, alpha, m_i, l_i = _online_softmax(s, visible, m_i, l_i, scale_log2e)
+            s += _qk(q1, _staged(ST_K, ent, ex, c1, D), SWAP)
+        p, alpha, m_i, l_i = _online_softmax(s, visible, m_i, l_i, scale_log2e, SWAP)
         p = p.to(tl.float16)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p, _staged(ST_V, ent, ex, c0, D))
+        acc0 = acc0 * _per_row(alpha, SWAP) + _pv(p, _staged(ST_V, ent, ex, c0, D), SWAP)
         if TWO:
-            acc1 = acc1 * alpha[:, None] + tl.dot(p, _staged(ST_V, ent, ex, c1, D))
+            acc1 = acc1 * _per_row(alpha, SWAP) + _pv(p, _staged(ST_V, ent, ex, c1, D), SWAP)
     else:
         k_scale, k_rho = _scales(head_base, slot, tok_mask, OFF_KGO, OFF_KGR)
-        s = tl.dot(q0, tl.trans(_chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 0, OFF_KCO,
-                                       OFF_KCR, D, DC, N_O, KBO, KBR, U, USE_ASM)))
+        s = _qk(q0, _chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 0, OFF_KCO, OFF_KCR, D, DC,
+                           N_O, KBO, KBR, U, USE_ASM), SWAP)
         if TWO:
-            s += tl.dot(q1, tl.trans(_chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 1, OFF_KCO,
-                                            OFF_KCR, D, DC, N_O, KBO, KBR, U, USE_ASM)))
-        s = s * k_scale[None, :]
+            s += _qk(q1, _chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 1, OFF_KCO, OFF_KCR, D,
+                                DC, N_O, KBO, KBR, U, USE_ASM), SWAP)
+        s = s * _per_token(k_scale, SWAP)
         if HAS_QJL:
-            t = tl.dot(sq0, tl.trans(_sign_chunk(head_base, slot, tok_mask, CB, TAB, 0, OFF_KS, D,
-                                                 DC, U, USE_ASM)))
+            t = _qk(sq0, _sign_chunk(head_base, slot, tok_mask, CB, TAB, 0, OFF_KS, D, DC, U,
+                                     USE_ASM), SWAP)
             if TWO:
-                t += tl.dot(sq1, tl.trans(_sign_chunk(head_base, slot, tok_mask, CB, TAB, 1,
-                                                      OFF_KS, D, DC, U, USE_ASM)))
+                t += _qk(sq1, _sign_chunk(head_base, slot, tok_mask, CB, TAB, 1, OFF_KS, D, DC, U,
+                                          USE_ASM), SWAP)
             rnorm = _norm16(head_base, slot, tok_mask, OFF_KRN).to(tl.float32)
-            s += t * rnorm[None, :]
-        p, alpha, m_i, l_i = _online_softmax(s, visible, m_i, l_i, scale_log2e)
+            s += t * _per_token(rnorm, SWAP)
+        p, alpha, m_i, l_i = _online_softmax(s, visible, m_i, l_i, scale_log2e, SWAP)
         v_scale, v_rho = _scales(head_base, slot, tok_mask, OFF_VGO, OFF_VGR)
-        p_v = (p * v_scale[None, :]).to(tl.float16)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p_v, _chunk(
+        p_v = (p * _per_token(v_scale, SWAP)).to(tl.float16)
+        acc0 = acc0 * _per_row(alpha, SWAP) + _pv(p_v, _chunk(
             head_base, slot, tok_mask, v_rho, CB + 32, TAB + 8, 0, OFF_VCO, OFF_VCR, D, DC, N_O,
-            VBO, VBR, U, USE_ASM))
+            VBO, VBR, U, USE_ASM), SWAP)
         if TWO:
-            acc1 = acc1 * alpha[:, None] + tl.dot(p_v, _chunk(
+            acc1 = acc1 * _per_row(alpha, SWAP) + _pv(p_v, _chunk(
                 head_base, slot, tok_mask, v_rho, CB + 32, TAB + 8, 1, OFF_VCO, OFF_VCR, D, DC,
-                N_O, VBO, VBR, U, USE_ASM))
+                N_O, VBO, VBR, U, USE_ASM), SWAP)
     return m_i, l_i, acc0, acc1
 
 
@@ -239,7 +286,7 @@ def tq_attention_kernel(
     U: tl.constexpr, BS: tl.constexpr,
     BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
     VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr, HAS_RECENT: tl.constexpr,
-    TAIL: tl.constexpr, USE_ASM: tl.constexpr, CONTEXT_ONLY: tl.constexpr,
+    TAIL: tl.constexpr, USE_ASM: tl.constexpr, CONTEXT_ONLY: tl.constexpr, SWAP: tl.constexpr,
     OFF_KCO: tl.constexpr, OFF_KCR: tl.constexpr, OFF_KS: tl.constexpr, OFF_KGO: tl.constexpr,
     OFF_KGR: tl.constexpr, OFF_KRN: tl.constexpr, OFF_VCO: tl.constexpr, OFF_VCR: tl.constexpr,
     OFF_VGO: tl.constexpr, OFF_VGR: tl.constexpr,
@@ -268,23 +315,25 @@ def tq_attention_kernel(
 
     # Queries (and S·q) in tile order, one tensor per channel chunk: the launcher permuted them
     # like the decoded tiles (head-major, strided). With one chunk the second ones are unused.
+    # With SWAP, queries and accumulators are transposed: [DC, BLOCK_M].
     cd = tl.arange(0, DC)
-    q_ptr = ((h * G + g) * stride_qh + t * stride_qt)[:, None] + cd[None, :]
-    q0 = tl.load(Q + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float16)
+    q_ptr = _per_row((h * G + g) * stride_qh + t * stride_qt, SWAP) + _per_token(cd, SWAP)
+    q_ok = _per_row(row_ok, SWAP)
+    q0 = tl.load(Q + q_ptr, mask=q_ok, other=0.0).to(tl.float16)
     q1 = q0
     if DC < D:
-        q1 = tl.load(Q + DC + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float16)
+        q1 = tl.load(Q + DC + q_ptr, mask=q_ok, other=0.0).to(tl.float16)
     sq0 = q0
     sq1 = q1
     if HAS_QJL:
-        sq0 = tl.load(SQ + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float16)
+        sq0 = tl.load(SQ + q_ptr, mask=q_ok, other=0.0).to(tl.float16)
         if DC < D:
-            sq1 = tl.load(SQ + DC + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float16)
+            sq1 = tl.load(SQ + DC + q_ptr, mask=q_ok, other=0.0).to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, DC], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, DC], dtype=tl.float32)
+    acc0 = tl.zeros(q_ptr.shape, dtype=tl.float32)
+    acc1 = tl.zeros(q_ptr.shape, dtype=tl.float32)
 
     # With exact copies (HAS_RECENT), the newest st_window positions of a sequence with a ring
     # are left to a second, TAIL launch of this kernel, which writes one more split. Keeping
@@ -312,7 +361,7 @@ def tq_attention_kernel(
                     q0, q1, sq0, sq1, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
                     scale_log2e, stride_bt, page_bytes, head_stride, st_window,
                     HKV, D, DC, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL,
-                    True, exact == 1, USE_ASM, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR,
+                    True, exact == 1, USE_ASM, SWAP, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR,
                     OFF_KRN, OFF_VCO, OFF_VCR, OFF_VGO, OFF_VGR)
     else:
         for start in tl.range(first, hi, BLOCK_N):
@@ -321,12 +370,13 @@ def tq_attention_kernel(
                 q1, sq0, sq1, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
                 scale_log2e, stride_bt, page_bytes, head_stride, st_window,
                 HKV, D, DC, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL, False,
-                False, USE_ASM, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN, OFF_VCO,
+                False, USE_ASM, SWAP, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN, OFF_VCO,
                 OFF_VCR, OFF_VGO, OFF_VGR)
 
     part = row * part_stride + split
     tl.store(PART_M + part, m_i, mask=row_ok)
     tl.store(PART_L + part, l_i, mask=row_ok)
-    tl.store(PART_O + part[:, None] * D + cd[None, :], acc0, mask=row_ok[:, None])
+    o_ptr = PART_O + _per_row(part, SWAP) * D + _per_token(cd, SWAP)
+    tl.store(o_ptr, acc0, mask=q_ok)
     if DC < D:
-        tl.store(PART_O + DC + part[:, None] * D + cd[None, :], acc1, mask=row_ok[:, None])
+        tl.store(o_ptr + DC, acc1, mask=q_ok)

@@ -30,7 +30,8 @@ def _rel_err(got, want):
 @pytest.mark.parametrize("d,kv_heads,gqa,block_size", [(64, 2, 3, 16), (128, 1, 4, 32),
                                                        (256, 1, 1, 16), (128, 1, 8, 16),
                                                        (256, 1, 4, 16)])  # Gemma-3's heads
-def test_decode_matches_the_codec(name, d, kv_heads, gqa, block_size, gen):
+@pytest.mark.parametrize("swap", [False, True])  # query rows as the mma's M or N dimension
+def test_decode_matches_the_codec(name, d, kv_heads, gqa, block_size, swap, gen):
     codec = _codec(name, d, kv_heads, block_size, gen)
     seq_lens = [1, 16, 37]
     cache, table, _ = build_cache(codec, seq_lens, gen, num_blocks=12)
@@ -41,7 +42,7 @@ def test_decode_matches_the_codec(name, d, kv_heads, gqa, block_size, gen):
     dev = lambda x: x.to(DEVICE)  # noqa: E731
     for splits in (1, 2, 20):  # 20: the merge reads the splits in two chunks
         got = decode_attention(codec, dev(query), dev(cache), dev(table), dev(lens), d ** -0.5,
-                               num_splits=splits)
+                               num_splits=splits, swap=swap)
         assert _rel_err(got, want) <= 1e-2, splits
 
 
@@ -199,4 +200,28 @@ def test_newest_tokens_read_from_their_exact_copies(name, d, kv_heads, sliding_w
     staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
     got = varlen_attention(codec, on(query), on(cache), on(table), on(lens), on(qsl), d ** -0.5,
                            max(q_lens), sliding_window, num_splits=2, recent=staged)
+    assert _rel_err(got, want) <= 1e-2
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_decode_reads_exact_copies_in_both_orientations(swap, gen):
+    # Decode only (single-token tiles, where SWAP applies), rings permuted, row 3 without one.
+    from vllm_turboquant.codec import RecentTokens
+
+    d, kv_heads, gqa, window = 64, 2, 4, 32
+    codec = _codec("turboquant_3.5", d, kv_heads, 16, gen)
+    seq_lens = [33, 45, 70, 9]
+    cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
+    recent = stage_newest(codec, cache, table, dense, seq_lens, 3, window, gen,
+                          torch.tensor([2, 0, 1, -1], dtype=torch.int32))
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    query = torch.randn(len(seq_lens), kv_heads * gqa, d, generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    want = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5, recent=recent)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    staged = RecentTokens(rows=3, window=window, num_kv_heads=kv_heads, head_dim=d, device=DEVICE,
+                          ring_of_row=on(recent.ring_of_row))
+    staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
+    got = decode_attention(codec, on(query), on(cache), on(table), on(lens), d ** -0.5,
+                           num_splits=2, recent=staged, swap=swap)
     assert _rel_err(got, want) <= 1e-2
