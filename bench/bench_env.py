@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the commit they report and freeing an engine between dtypes."""
+"""What the benchmark scripts share: the commit they report, freeing an engine between dtypes, and
+running each dtype's engine in its own process."""
 from __future__ import annotations
 
 import gc
@@ -21,3 +22,20 @@ def release_engine(llm) -> None:
     del llm
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def per_dtype_processes(dtypes: list[str], fn, *args) -> dict:
+    """{dtype: fn(dtype, *args)}, each call in a fresh process when there are several. vLLM's
+    in-process engine keeps its model and KV cache alive after shutdown (vLLM 0.26 on the CPU,
+    with or without this plugin), so a second engine in the same process found an H100 full
+    (8.8 of 79 GiB free). fn must be a module-level function; its result comes back pickled."""
+    if len(dtypes) == 1:
+        return {dtypes[0]: fn(dtypes[0], *args)}
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    for dtype in dtypes:
+        with ctx.Pool(1) as pool:
+            out[dtype] = pool.apply(fn, (dtype, *args))
+    return out

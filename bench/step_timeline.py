@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench_env import commit_id, release_engine  # bench/ is on sys.path when run as a script
+from bench_env import commit_id, per_dtype_processes  # bench/ is on sys.path as a script
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -77,6 +77,25 @@ def timed_run(llm, prompts, params) -> tuple[float, dict]:
 KINDS = ("prefill", "mixed", "decode (ramp)", "decode (full)")
 
 
+def measure(dtype: str, args: argparse.Namespace, folder: str) -> tuple:
+    """(prefill-only run, full run) of one dtype's engine: each (wall s, summarize(...))."""
+    from vllm import LLM, SamplingParams
+
+    _record_steps()
+    prompts = [{"prompt_token_ids": [(i * 7919 + j * 31) % 120000 + 10
+                                     for j in range(args.prompt_len)]}
+               for i in range(args.prompts)]
+    sp = lambda n: SamplingParams(max_tokens=n, ignore_eos=True, detokenize=False)  # noqa: E731
+    llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, kv_cache_dtype=dtype,
+              enable_prefix_caching=False, max_model_len=args.prompt_len + args.gen + 16,
+              max_num_seqs=args.max_num_seqs or max(args.prompts, 8),
+              gpu_memory_utilization=args.gpu_memory_utilization)
+    llm.generate(prompts[:2], sp(4), use_tqdm=False)
+    runs = (timed_run(llm, prompts, sp(1)), timed_run(llm, prompts, sp(args.gen)))
+    print(dtype, runs, flush=True)
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--prompts", type=int, default=48)
@@ -90,24 +109,8 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler must run in this process
     folder = tempfile.mkdtemp()
     Path(folder, "config.json").write_text(json.dumps(json.loads(args.config.read_text())))
+    results = per_dtype_processes(args.dtypes.split(","), measure, args, folder)
     import torch
-    from vllm import LLM, SamplingParams
-
-    _record_steps()
-    prompts = [{"prompt_token_ids": [(i * 7919 + j * 31) % 120000 + 10
-                                     for j in range(args.prompt_len)]}
-               for i in range(args.prompts)]
-    sp = lambda n: SamplingParams(max_tokens=n, ignore_eos=True, detokenize=False)  # noqa: E731
-    results = {}
-    for dtype in args.dtypes.split(","):
-        llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, kv_cache_dtype=dtype,
-                  enable_prefix_caching=False, max_model_len=args.prompt_len + args.gen + 16,
-                  max_num_seqs=args.max_num_seqs or max(args.prompts, 8),
-                  gpu_memory_utilization=args.gpu_memory_utilization)
-        llm.generate(prompts[:2], sp(4), use_tqdm=False)
-        results[dtype] = (timed_run(llm, prompts, sp(1)), timed_run(llm, prompts, sp(args.gen)))
-        print(dtype, results[dtype], flush=True)
-        release_engine(llm)
 
     commit = commit_id()
     print(f"\n`python bench/step_timeline.py --prompts {args.prompts} --prompt-len "

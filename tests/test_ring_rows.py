@@ -95,3 +95,23 @@ def test_the_engine_map_follows_each_reported_step(monkeypatch):
     ring_rows._record(None)  # outside a runner step (warm-up, capture): the map stays
     rings.update()
     assert rings.ring_of_row[0] == 7
+
+
+def test_engine_rings_do_not_keep_the_engine_alive():
+    # The config reaches the model and its KV cache: once the engine is gone, so must they be.
+    import gc
+    import weakref
+
+    from vllm_turboquant.vllm_glue.ring_rows import engine_rings
+
+    class Config:
+        pass
+
+    first = Config()
+    rings = engine_rings(first, 4, 8, "cpu")
+    assert engine_rings(first, 4, 8, "cpu") is rings  # every layer of one engine shares them
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
+    assert engine_rings(Config(), 4, 8, "cpu") is not rings  # the next engine gets its own

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from collections import OrderedDict
 from typing import Sequence
 
@@ -145,15 +146,17 @@ class EngineRings:
                                                              self.ring_of_row.device))
 
 
-_engine_rings: tuple[object, EngineRings] | None = None
+# (weak reference to the engine's VllmConfig, its rings). Weak: the config reaches the model and
+# its KV cache (compilation_config.static_forward_context), which must not outlive the engine.
+_engine_rings: tuple[weakref.ref, EngineRings] | None = None
 
 
 def engine_rings(vllm_config: object, rings: int, batch_rows: int, device) -> EngineRings:
     """The EngineRings of the engine whose config this is (built by its first layer; engines run
     one after another in a process, as in the eval, each gets its own)."""
     global _engine_rings
-    if _engine_rings is None or _engine_rings[0] is not vllm_config:
-        _engine_rings = (vllm_config, EngineRings(rings, batch_rows, device))
+    if _engine_rings is None or _engine_rings[0]() is not vllm_config:
+        _engine_rings = (weakref.ref(vllm_config), EngineRings(rings, batch_rows, device))
     return _engine_rings[1]
 
 
