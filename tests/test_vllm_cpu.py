@@ -212,6 +212,17 @@ def test_bf16_boundary_layers_option(monkeypatch, report):
     assert mixed / bf16 == pytest.approx(30 * 256 / bytes_per_token, rel=0.02)
 
 
+def test_bf16_layers_in_a_sliding_window_model_fail_at_startup_with_the_fix(tmp_path,
+                                                                          monkeypatch):
+    # vLLM's hybrid allocator cannot mix bf16 and TurboQuant page sizes: before this check it
+    # failed deep in its KV cache set-up (NotImplementedError on page-size padding).
+    monkeypatch.setenv("TURBOQUANT_BF16_LAST_LAYERS", "1")
+    with pytest.raises(Exception, match=r"sliding-window layers \(window 512.*unset them"):
+        with engine("turboquant_3.5", model=dummy_gemma3(tmp_path), load_format="dummy",
+                    skip_tokenizer_init=True):
+            pass
+
+
 def test_unsupported_head_size_fails_at_startup_with_the_fix(tmp_path):
     model = dummy_llama(tmp_path, 64)
     cfg = (Path(model) / "config.json")

@@ -13,7 +13,8 @@ TURBOQUANT_EXACT_ROWS=N          how many running requests get those copies, one
 TURBOQUANT_CALIBRATION_TOKENS=1024
                                  tokens of built-in text every layer calibrates on when the
                                  engine starts (0: the first request's first chunk calibrates)
-All layers are compressed by default; fragile models sometimes need their first/last layers exact.
+All layers are compressed by default; fragile models sometimes need their first/last layers exact
+(not in models with sliding-window layers: vLLM's allocator cannot mix the page sizes there).
 Every process reads the same environment, so API server, engine core and workers agree.
 """
 from __future__ import annotations

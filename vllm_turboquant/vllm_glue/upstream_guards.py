@@ -66,6 +66,15 @@ def _apply_layer_options(config) -> None:
     num_layers = config.model_config.get_total_num_hidden_layers()
     skip = set(cache.kv_cache_dtype_skip_layers)
     keep = options.bf16_layer_indices(num_layers)
+    window = config.model_config.get_sliding_window()
+    if keep and window is not None:
+        # vLLM's allocator then needs every layer's page size to divide the largest; bf16 pages
+        # do not divide TurboQuant's, and it would fail deep in its KV cache set-up.
+        raise ValueError(
+            f"kv_cache_dtype={cache.cache_dtype!r}: TURBOQUANT_BF16_FIRST_LAYERS / "
+            f"TURBOQUANT_BF16_LAST_LAYERS cannot keep layers in bf16 in a model with "
+            f"sliding-window layers (window {window}: vLLM's KV allocator needs page sizes that "
+            f"divide each other); unset them, or use --kv-cache-dtype auto (bf16) or fp8.")
     if keep:
         logger.info("TurboQuant: keeping layers %s in bf16 (TURBOQUANT_BF16_*_LAYERS)", keep)
         skip |= {str(i) for i in keep}
