@@ -155,10 +155,11 @@ def main() -> None:
         for ctx in map(int, args.contexts.split(",")):
             cases = [("FA3 bf16", lambda: fa3_case(batch, ctx, False)),
                      ("FA3 fp8", lambda: fa3_case(batch, ctx, True))]
-            swaps = {"default": [None], "both": [False, True]}[args.swap]
+            swaps = {"default": [True], "both": [False, True]}[args.swap]
             for f in args.formats.split(","):
                 for swap in swaps:
-                    tag = {None: "", False: " (rows as M)", True: " (rows as N, swap)"}[swap]
+                    tag = "" if args.swap == "default" else \
+                        {False: " (rows as M)", True: " (rows as N, swap)"}[swap]
                     cases.append((f + tag, lambda f=f, sw=swap: turboquant_case(f, batch, ctx,
                                                                                 swap=sw)))
                     if args.exact:

@@ -40,9 +40,6 @@ def decode_tile_shape(head_dim: int) -> tuple[int, int, int]:
     return (64, 1, 2) if head_dim <= 128 else (128, 4, 3)
 
 
-# Single-token tiles in tq_attention's SWAP orientation: the query rows padded to 8, not 16, take
-# the kernel from 255 to 168 registers (H100: 16 x 32k decode 540 -> 472 us; docs/kernel_decode.md).
-SWAP_DECODE = True
 _TAIL_BLOCK_N = 64  # the exact-copies launch covers ~64 positions per sequence
 _MERGE_BLOCK_S = 16  # splits per merge step
 
@@ -186,7 +183,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
                      block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, target_programs: int | None = None,
                      recent: RecentTokens | None = None, context_only: bool = False,
-                     return_lse: bool = False, swap: bool | None = None,
+                     return_lse: bool = False, swap: bool = True,
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequence i owns queries query[qsl[i]:qsl[i+1]] ([T, Hq, d]), the last positions of its
     seq_lens[i] tokens, whose K/V are already in the cache [num_blocks, page_bytes]. Causal.
@@ -196,8 +193,9 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     caller attends those exactly and merges with `merge_attention`).
     Returns [T, Hq, d] float32, and with return_lse the base-2 log-sum-exp of the scaled scores
     [T, Hq] (-inf for a row that saw no key).
-    swap: single-token tiles with the query rows as the mma's N dimension (tq_attention's SWAP);
-    None: the default (SWAP_DECODE)."""
+    swap: single-token tiles with the query rows as the mma's N dimension (tq_attention's SWAP),
+    padded to 8 rather than 16: 255 -> 168 registers, H100 16 x 32k decode 540 -> 472 us
+    (docs/kernel_decode.md); False only to compare."""
     lay = codec.layout
     num_tokens, hq, d = query.shape
     num_seqs = seq_lens.shape[0]
@@ -206,7 +204,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
 
     g_p2 = next_pow2(c.group)
     block_q = 1 if max_query_len == 1 else max(1, 64 // g_p2)
-    swap = (SWAP_DECODE if swap is None else swap) and block_q == 1 and g_p2 <= 8
+    swap = swap and block_q == 1 and g_p2 <= 8
     block_m = max(8 if swap else 16, block_q * g_p2)
     shape = (*decode_tile_shape(d), _DECODE_PROGRAMS) if block_q == 1 else \
         (PREFILL_BLOCK_N, 4, None, _PREFILL_PROGRAMS)
