@@ -250,8 +250,16 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
             codec, c, query.device, recent, hq, g_p2, block_q, block_m, block_n, context_only,
             return_lse, num_warps, num_stages, swap)
     main, tail, merge = launchers
+    side = _side_stream(query.device) if recent is not None else None
+    if side is not None:  # the exact copies' launch beside the main one (they share no output)
+        here = torch.cuda.current_stream(query.device)
+        side.wait_stream(here)
+        with torch.cuda.stream(side):
+            tail((max_tiles, lay.num_kv_heads, 1), *args)
     main((max_tiles, lay.num_kv_heads, num_splits), *args)
-    if recent is not None:
+    if side is not None:
+        here.wait_stream(side)
+    elif recent is not None:
         tail((max_tiles, lay.num_kv_heads, 1), *args)
 
     # Merge the splits (tq_merge.py, head-major), then one batched GEMM per KV head (its query
@@ -266,6 +274,28 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     out = torch.baddbmm(c.value_mean, y.view(hkv, -1, d), c.r_back)
     out = out.view(hq, num_tokens, d).transpose(0, 1)
     return (out, lse) if return_lse else out
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """While a CUDA graph is being captured, the stream the exact-copies launch forks to: in the
+    graph it then runs beside the main launch instead of after it (its ~30 us are latency, one
+    short program per sequence and head). Eager steps keep one stream (a fork costs host time)."""
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        return None
+    return _SIDE_STREAMS[_index(device)]
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _make_side_stream(device: torch.device) -> None:
+    """Create the device's side stream before any capture (warm_up)."""
+    if device.type == "cuda" and _index(device) not in _SIDE_STREAMS:
+        _SIDE_STREAMS[_index(device)] = torch.cuda.Stream(_index(device))
 
 
 def _attention_launchers(codec: LayerKVCodec, c: AttentionConstants, device: torch.device,
@@ -310,6 +340,7 @@ def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
     """Compile the kernel variants vLLM's steps use now (engine start-up), so no request ever
     waits for Triton's JIT: all at once on threads, then run each once on two scratch pages
     (which loads its module outside any CUDA-graph capture). dtype: the model's (queries, K/V)."""
+    _make_side_stream(device)
     with compiling_only():
         _run_variants(codec, num_q_heads, device, sliding_window, recent, dtype)
     _run_variants(codec, num_q_heads, device, sliding_window, recent, dtype)

@@ -225,3 +225,36 @@ def test_decode_reads_exact_copies_in_both_orientations(swap, gen):
     got = decode_attention(codec, on(query), on(cache), on(table), on(lens), d ** -0.5,
                            num_splits=2, recent=staged, swap=swap)
     assert _rel_err(got, want) <= 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_decode_forks_the_exact_copies_launch_and_matches(gen):
+    # Under CUDA-graph capture the exact copies' launch runs on a side stream beside the main one.
+    from vllm_turboquant.codec import RecentTokens
+    from vllm_turboquant.kernels.paged_attention import _make_side_stream
+
+    d, kv_heads, gqa, window = 128, 2, 4, 32
+    codec = _codec("turboquant_3.5_mse", d, kv_heads, 16, gen)
+    seq_lens = [33, 45, 70, 9]
+    cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
+    recent = stage_newest(codec, cache, table, dense, seq_lens, 3, window, gen,
+                          torch.tensor([2, 0, 1, -1], dtype=torch.int32))
+    query = torch.randn(len(seq_lens), kv_heads * gqa, d, generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    want = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5, recent=recent)
+    on = lambda t: t.cuda()  # noqa: E731
+    staged = RecentTokens(rows=3, window=window, num_kv_heads=kv_heads, head_dim=d,
+                          device="cuda", ring_of_row=on(recent.ring_of_row))
+    staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
+    args = (codec, on(query), on(cache), on(table), on(lens), d ** -0.5)
+    eager = decode_attention(*args, recent=staged)
+    _make_side_stream(torch.device("cuda"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(*args, recent=staged)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _rel_err(out, want) <= 1e-2
+    assert torch.equal(out, eager)
