@@ -47,7 +47,8 @@ def compile_variant(kernel, args: tuple, constexprs: dict, arch: int = 90):
     """Triton's compiled kernel of one variant for sm_{arch}; args as the launcher passes them
     (tensors stand for 16-byte aligned pointers of their dtype, ints for 32-bit integers)."""
     constexprs = dict(constexprs)
-    options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages") if k in constexprs}
+    options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages", "maxnreg")
+               if k in constexprs}
     sig, attrs = {}, {}
     for i, p in enumerate(kernel.params):
         if p.is_constexpr:

@@ -40,8 +40,13 @@ def decode_tile_shape(head_dim: int) -> tuple[int, int, int]:
     return (64, 1, 2) if head_dim <= 128 else (128, 4, 3)
 
 
+_DECODE_MAX_REGISTERS = 168  # 12 one-warp programs per SM (H100: 64k registers)
 _TAIL_BLOCK_N = 64  # the exact-copies launch covers ~64 positions per sequence
+# Its [64, d] fp16 tiles of exact copies: 1 warp spills at 255 registers, 4 warps need 128
+# (bench/compile_report.py, sm_90).
+_TAIL_WARPS = 4
 _MERGE_BLOCK_S = 16  # splits per merge step
+_MERGE_WARPS = 4  # as measured on 2026-11-24 (docs/kernel_decode.md); 2 before, not compared
 
 
 # The PTX look-ups run on NVIDIA GPUs; Triton's interpreter (CPU tests; on before triton is
@@ -281,10 +286,12 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """While a CUDA graph is being captured, the stream the exact-copies launch forks to: in the
-    graph it then runs beside the main launch instead of after it (its ~30 us are latency, one
-    short program per sequence and head). Eager steps keep one stream (a fork costs host time)."""
+    graph it then runs beside the main launch instead of before it (one short program per
+    sequence and head: latency, 5-11 us on the H100, 1 x 32k and 48 x 8k). Eager steps keep one
+    stream (a fork costs host time)."""
     if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
         return None
+    _make_side_stream(device)  # normally done by warm_up, outside any capture
     return _SIDE_STREAMS[_index(device)]
 
 
@@ -309,10 +316,15 @@ def _attention_launchers(codec: LayerKVCodec, c: AttentionConstants, device: tor
     if num_stages is not None:  # else Triton's default
         meta["num_stages"] = num_stages
     kernel = tq_attention.tq_attention_kernel
-    return (VariantLauncher(kernel, BLOCK_N=block_n, TAIL=False, **meta),
-            VariantLauncher(kernel, BLOCK_N=min(block_n, _TAIL_BLOCK_N), TAIL=True, **meta),
+    main = dict(meta)
+    if num_warps == 1:  # its tag check in the newest tiles alone would take 168 -> 178 registers
+        main["maxnreg"] = _DECODE_MAX_REGISTERS
+    return (VariantLauncher(kernel, BLOCK_N=block_n, TAIL=False, **main),
+            VariantLauncher(kernel, BLOCK_N=min(block_n, _TAIL_BLOCK_N), TAIL=True,
+                            **dict(meta, num_warps=_TAIL_WARPS)),
             VariantLauncher(tq_merge.tq_merge_kernel, HQ=hq, D=codec.layout.head_dim,
-                            BLOCK_S=_MERGE_BLOCK_S, HAS_LSE=return_lse, num_warps=2))
+                            BLOCK_S=_MERGE_BLOCK_S, HAS_LSE=return_lse,
+                            num_warps=_MERGE_WARPS))
 
 
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
