@@ -203,13 +203,13 @@ def test_newest_tokens_read_from_their_exact_copies(name, d, kv_heads, sliding_w
     assert _rel_err(got, want) <= 1e-2
 
 
-@pytest.mark.parametrize("swap", [False, True])
-def test_decode_reads_exact_copies_in_both_orientations(swap, gen):
-    # Decode only (single-token tiles, where SWAP applies), rings permuted, row 3 without one.
+def _decode_over_rings(name, d, gen):
+    """Decode (single-token tiles) over exact copies, rings permuted, row 3 without one:
+    (decode_attention's arguments on DEVICE, the staged copies there, the oracle's output)."""
     from vllm_turboquant.codec import RecentTokens
 
-    d, kv_heads, gqa, window = 64, 2, 4, 32
-    codec = _codec("turboquant_3.5", d, kv_heads, 16, gen)
+    kv_heads, gqa, window = 2, 4, 32
+    codec = _codec(name, d, kv_heads, 16, gen)
     seq_lens = [33, 45, 70, 9]
     cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
     recent = stage_newest(codec, cache, table, dense, seq_lens, 3, window, gen,
@@ -222,32 +222,22 @@ def test_decode_reads_exact_copies_in_both_orientations(swap, gen):
     staged = RecentTokens(rows=3, window=window, num_kv_heads=kv_heads, head_dim=d, device=DEVICE,
                           ring_of_row=on(recent.ring_of_row))
     staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
-    got = decode_attention(codec, on(query), on(cache), on(table), on(lens), d ** -0.5,
-                           num_splits=2, recent=staged, swap=swap)
+    return (codec, on(query), on(cache), on(table), on(lens), d ** -0.5), staged, want
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_decode_reads_exact_copies_in_both_orientations(swap, gen):
+    args, staged, want = _decode_over_rings("turboquant_3.5", 64, gen)
+    got = decode_attention(*args, num_splits=2, recent=staged, swap=swap)
     assert _rel_err(got, want) <= 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_captured_decode_forks_the_exact_copies_launch_and_matches(gen):
     # Under CUDA-graph capture the exact copies' launch runs on a side stream beside the main one.
-    from vllm_turboquant.codec import RecentTokens
     from vllm_turboquant.kernels.paged_attention import _make_side_stream
 
-    d, kv_heads, gqa, window = 128, 2, 4, 32
-    codec = _codec("turboquant_3.5_mse", d, kv_heads, 16, gen)
-    seq_lens = [33, 45, 70, 9]
-    cache, table, dense = build_cache(codec, seq_lens, gen, num_blocks=16)
-    recent = stage_newest(codec, cache, table, dense, seq_lens, 3, window, gen,
-                          torch.tensor([2, 0, 1, -1], dtype=torch.int32))
-    query = torch.randn(len(seq_lens), kv_heads * gqa, d, generator=gen)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
-    want = paged_attention(codec, query, cache, table, lens, qsl, d ** -0.5, recent=recent)
-    on = lambda t: t.cuda()  # noqa: E731
-    staged = RecentTokens(rows=3, window=window, num_kv_heads=kv_heads, head_dim=d,
-                          device="cuda", ring_of_row=on(recent.ring_of_row))
-    staged.key, staged.value, staged.tag = on(recent.key), on(recent.value), on(recent.tag)
-    args = (codec, on(query), on(cache), on(table), on(lens), d ** -0.5)
+    args, staged, want = _decode_over_rings("turboquant_3.5_mse", 128, gen)
     eager = decode_attention(*args, recent=staged)
     _make_side_stream(torch.device("cuda"))
     graph = torch.cuda.CUDAGraph()
