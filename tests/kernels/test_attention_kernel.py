@@ -232,6 +232,7 @@ def test_decode_reads_exact_copies_in_both_orientations(swap, gen):
     assert _rel_err(got, want) <= 1e-2
 
 
+@pytest.mark.needs_gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_captured_decode_forks_the_exact_copies_launch_and_matches(gen):
     # Under CUDA-graph capture the exact copies' launch runs on a side stream beside the main one.
