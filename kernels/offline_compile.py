@@ -2,7 +2,7 @@
 
 How kernel changes are checked before they spend device time, and how CI (no GPU) checks that the
 PTX look-up path still compiles: the variants a launcher would run are captured on CPU tensors
-(`capture_launches`), compiled for the target with `compile_variant`, and their registers, spills
+(`capture_launches`; `decode_launches` for one decode step), compiled for the target with `compile_variant`, and their registers, spills
 and SASS read back with `resources` / `sass_mix`. bench/compile_report.py prints them.
 """
 from __future__ import annotations
@@ -41,6 +41,28 @@ def capture_launches(**overrides) -> Iterator[list[tuple]]:
         yield seen
     finally:
         launch_mod.VariantLauncher.__call__ = original
+
+
+def decode_launches(fmt: str, head_dim: int = 128, num_kv_heads: int = 8, group: int = 4,
+                    exact: int = 64, **tuning) -> list[tuple]:
+    """(kernel, args, constexprs) of each launch of one decode step in format `fmt` (one
+    sequence on scratch CPU pages, `exact` newest tokens with copies; PTX look-ups on)."""
+    from vllm_turboquant.codec import LayerKVCodec, RecentTokens, page_layout
+
+    from .paged_attention import decode_attention
+
+    bs = 16
+    codec = LayerKVCodec(page_layout(fmt, head_dim, bs, num_kv_heads))
+    codec.calibrate(torch.randn(16, num_kv_heads, head_dim),
+                    torch.randn(16, num_kv_heads, head_dim))
+    cache = torch.zeros(4, codec.layout.page_bytes, dtype=torch.uint8)
+    recent = RecentTokens(1, exact, num_kv_heads, head_dim, "cpu") if exact else None
+    with capture_launches(USE_ASM=True) as seen:
+        decode_attention(codec, torch.randn(1, group * num_kv_heads, head_dim), cache,
+                         torch.arange(4, dtype=torch.int32).view(1, 4),
+                         torch.tensor([4 * bs], dtype=torch.int32), head_dim ** -0.5,
+                         recent=recent, **tuning)
+    return seen
 
 
 def compile_variant(kernel, args: tuple, constexprs: dict, arch: int = 90):
