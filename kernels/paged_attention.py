@@ -45,8 +45,12 @@ _TAIL_BLOCK_N = 64  # the exact-copies launch covers ~64 positions per sequence
 # Its [64, d] fp16 tiles of exact copies: 1 warp spills at 255 registers, 4 warps need 128
 # (bench/compile_report.py, sm_90).
 _TAIL_WARPS = 4
-_MERGE_BLOCK_S = 16  # splits per merge step
-_MERGE_WARPS = 4  # as measured on 2026-11-24 (docs/kernel_decode.md); 2 before, not compared
+# The split merge: one warp per (query row, 32 channels), 32 splits per step. Against one program
+# per row (16 splits per step, 4 warps): 1 x 32k decode 93.2 -> 81.3 us, merge 12.3 -> 4.0 us
+# (H100, 2026-11-24, docs/kernel_decode.md); 4 warps or 64 splits per step were 1-3 us slower.
+_MERGE_BLOCK_S = 32
+_MERGE_DB = 32
+_MERGE_WARPS = 1
 
 
 # The PTX look-ups run on NVIDIA GPUs; Triton's interpreter (CPU tests; on before triton is
@@ -255,16 +259,10 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
             codec, c, query.device, recent, hq, g_p2, block_q, block_m, block_n, context_only,
             return_lse, num_warps, num_stages, swap)
     main, tail, merge = launchers
-    side = _side_stream(query.device) if recent is not None else None
-    if side is not None:  # the exact copies' launch beside the main one (they share no output)
-        here = torch.cuda.current_stream(query.device)
-        side.wait_stream(here)
-        with torch.cuda.stream(side):
-            tail((max_tiles, lay.num_kv_heads, 1), *args)
+    # The exact copies' launch runs on the same stream: forking it to a side stream under graph
+    # capture cost 7-10 us per step at batch 1 and gained nothing at 16-48 (H100, 2026-11-24).
     main((max_tiles, lay.num_kv_heads, num_splits), *args)
-    if side is not None:
-        here.wait_stream(side)
-    elif recent is not None:
+    if recent is not None:
         tail((max_tiles, lay.num_kv_heads, 1), *args)
 
     # Merge the splits (tq_merge.py, head-major), then one batched GEMM per KV head (its query
@@ -273,36 +271,13 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     y = torch.empty(hq, num_tokens, d, **f32)
     lse = torch.empty(num_tokens, hq, **f32) if return_lse else y
     if num_tokens:
-        merge((num_tokens, hq), part_m, part_l, part_o, query.contiguous() if return_lse else y,
-              c.key_mean, y, lse, num_tokens, slots, scale * LOG2E)
+        merge((num_tokens, hq, d // min(d, _MERGE_DB)), part_m, part_l, part_o,
+              query.contiguous() if return_lse else y, c.key_mean, y, lse, num_tokens, slots,
+              scale * LOG2E)
     hkv = lay.num_kv_heads
     out = torch.baddbmm(c.value_mean, y.view(hkv, -1, d), c.r_back)
     out = out.view(hq, num_tokens, d).transpose(0, 1)
     return (out, lse) if return_lse else out
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """While a CUDA graph is being captured, the stream the exact-copies launch forks to: in the
-    graph it then runs beside the main launch instead of before it (one short program per
-    sequence and head: latency, 5-11 us on the H100, 1 x 32k and 48 x 8k). Eager steps keep one
-    stream (a fork costs host time)."""
-    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-        return None
-    _make_side_stream(device)  # normally done by warm_up, outside any capture
-    return _SIDE_STREAMS[_index(device)]
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _make_side_stream(device: torch.device) -> None:
-    """Create the device's side stream before any capture (warm_up)."""
-    if device.type == "cuda" and _index(device) not in _SIDE_STREAMS:
-        _SIDE_STREAMS[_index(device)] = torch.cuda.Stream(_index(device))
 
 
 def _attention_launchers(codec: LayerKVCodec, c: AttentionConstants, device: torch.device,
@@ -323,7 +298,7 @@ def _attention_launchers(codec: LayerKVCodec, c: AttentionConstants, device: tor
             VariantLauncher(kernel, BLOCK_N=min(block_n, _TAIL_BLOCK_N), TAIL=True,
                             **dict(meta, num_warps=_TAIL_WARPS)),
             VariantLauncher(tq_merge.tq_merge_kernel, HQ=hq, D=codec.layout.head_dim,
-                            BLOCK_S=_MERGE_BLOCK_S, HAS_LSE=return_lse,
+                            DB=min(codec.layout.head_dim, _MERGE_DB), BLOCK_S=_MERGE_BLOCK_S, HAS_LSE=return_lse,
                             num_warps=_MERGE_WARPS))
 
 
@@ -352,7 +327,6 @@ def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
     """Compile the kernel variants vLLM's steps use now (engine start-up), so no request ever
     waits for Triton's JIT: all at once on threads, then run each once on two scratch pages
     (which loads its module outside any CUDA-graph capture). dtype: the model's (queries, K/V)."""
-    _make_side_stream(device)
     with compiling_only():
         _run_variants(codec, num_q_heads, device, sliding_window, recent, dtype)
     _run_variants(codec, num_q_heads, device, sliding_window, recent, dtype)

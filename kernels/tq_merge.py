@@ -2,11 +2,13 @@
 
 The kernel leaves, per (query row, split), a base-2 running max, a sum of probabilities and an
 unnormalised value accumulator in the rotated, tile-ordered domain. One program per (query token,
-query head) combines its splits by log-sum-exp and normalises; it writes the result head-major
-([Hq, T, d]) so the launcher rotates every head back with one batched GEMM. Optionally it writes
-the row's log-sum-exp of the scaled scores, q·μ_k included (the pages hold keys minus their mean),
-to merge with attention computed elsewhere. Splits are read BLOCK_S at a time, the maxima in a
-first pass, so no load waits on the previous chunk's arithmetic (batch 1 at 32k has ~64 splits).
+query head, block of DB channels) combines its splits by log-sum-exp and normalises; it writes the
+result head-major ([Hq, T, d]) so the launcher rotates every head back with one batched GEMM.
+Optionally it writes the row's log-sum-exp of the scaled scores, q·μ_k included (the pages hold
+keys minus their mean), to merge with attention computed elsewhere. Splits are read BLOCK_S at a
+time, the maxima in a first pass, so no load waits on the previous chunk's arithmetic. Batch 1 at
+32k has 129 splits and only 32 rows: blocks of channels give it 4x the programs (latency, not
+bandwidth: 2 MB read).
 """
 import triton
 import triton.language as tl
@@ -16,12 +18,14 @@ import triton.language as tl
 def tq_merge_kernel(
     PART_M, PART_L, PART_O, Q, KEY_MEAN, Y, LSE,
     num_tokens, slots, scale_log2e,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LSE: tl.constexpr,
+    HQ: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_LSE: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
+    blk = tl.program_id(2)
     row = t * HQ + h
-    cd = tl.arange(0, D)
+    cd = blk * DB + tl.arange(0, DB)
 
     top = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
     for s0 in range(0, slots, BLOCK_S):
@@ -31,7 +35,7 @@ def tq_merge_kernel(
     top = tl.max(top, 0)
     top = tl.where(top == float("-inf"), 0.0, top)  # nothing seen: every weight is 0
     l_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc = tl.zeros([D], dtype=tl.float32)
+    acc = tl.zeros([DB], dtype=tl.float32)
     for s0 in range(0, slots, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         ok = s < slots
@@ -42,9 +46,10 @@ def tq_merge_kernel(
         acc += tl.sum(o * w[:, None], 0)
     total = tl.sum(l_sum, 0)
     tl.store(Y + (h * num_tokens + t) * D + cd, acc / tl.maximum(total, 1e-30))
-    if HAS_LSE:
-        q = tl.load(Q + row * D + cd).to(tl.float32)
-        q_mu = tl.sum(q * tl.load(KEY_MEAN + h * D + cd), 0)
+    if HAS_LSE and blk == 0:
+        ch = tl.arange(0, D)
+        q = tl.load(Q + row * D + ch).to(tl.float32)
+        q_mu = tl.sum(q * tl.load(KEY_MEAN + h * D + ch), 0)
         lse = tl.where(total > 0, top + tl.log2(tl.maximum(total, 1e-30)) + q_mu * scale_log2e,
                        float("-inf"))
         tl.store(LSE + row, lse)
