@@ -25,7 +25,8 @@ import triton.language as tl
 from vllm_turboquant.kernels.lut_unpack import _lookup, _tree, decode_word
 from vllm_turboquant.kernels.offline_compile import compile_variant, resources, sass_mix
 
-TOKEN_BYTES = tl.constexpr(52)  # 48 bytes of planes + norms: rows are 4-byte aligned only, as in real pages
+# 48 bytes of planes + norms per token: rows are only 4-byte aligned, as in real pages.
+TOKEN_BYTES = tl.constexpr(52)
 
 
 @triton.jit

@@ -271,7 +271,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     y = torch.empty(hq, num_tokens, d, **f32)
     lse = torch.empty(num_tokens, hq, **f32) if return_lse else y
     if num_tokens:
-        merge((num_tokens, hq, d // min(d, _MERGE_DB)), part_m, part_l, part_o,
+        merge((num_tokens, hq, d // merge.constexprs["DB"]), part_m, part_l, part_o,
               query.contiguous() if return_lse else y, c.key_mean, y, lse, num_tokens, slots,
               scale * LOG2E)
     hkv = lay.num_kv_heads
@@ -298,8 +298,8 @@ def _attention_launchers(codec: LayerKVCodec, c: AttentionConstants, device: tor
             VariantLauncher(kernel, BLOCK_N=min(block_n, _TAIL_BLOCK_N), TAIL=True,
                             **dict(meta, num_warps=_TAIL_WARPS)),
             VariantLauncher(tq_merge.tq_merge_kernel, HQ=hq, D=codec.layout.head_dim,
-                            DB=min(codec.layout.head_dim, _MERGE_DB), BLOCK_S=_MERGE_BLOCK_S, HAS_LSE=return_lse,
-                            num_warps=_MERGE_WARPS))
+                            DB=min(codec.layout.head_dim, _MERGE_DB), BLOCK_S=_MERGE_BLOCK_S,
+                            HAS_LSE=return_lse, num_warps=_MERGE_WARPS))
 
 
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,

@@ -8,7 +8,8 @@ Optionally it writes the row's log-sum-exp of the scaled scores, q·μ_k include
 keys minus their mean), to merge with attention computed elsewhere. Splits are read BLOCK_S at a
 time, the maxima in a first pass, so no load waits on the previous chunk's arithmetic. Batch 1 at
 32k has 129 splits and only 32 rows: blocks of channels give it 4x the programs (latency, not
-bandwidth: 2 MB read).
+bandwidth: 2 MB read). Each block re-reads its row's maxima and sums (one float per split), which
+is cheaper than a second launch to share them.
 """
 import triton
 import triton.language as tl
