@@ -195,6 +195,40 @@ def test_sliding_window_layers_are_compressed_too(tmp_path, report):
     assert ratio == pytest.approx(FORMATS["turboquant_3.5"].compression_vs_bf16(256), rel=0.02)
 
 
+def _layer_formats(llm) -> list[tuple[int | None, str]]:
+    from vllm_turboquant.vllm_glue.engine_calibration import turboquant_layers
+
+    def formats(worker):
+        return [(impl.sliding_window, impl.codec.layout.format.name)
+                for impl in turboquant_layers(worker.vllm_config)]
+
+    return llm.collective_rpc(formats)[0]
+
+
+def test_full_attention_layers_can_store_another_format_of_the_same_bytes(tmp_path, monkeypatch):
+    """TURBOQUANT_FULL_ATTENTION_DTYPE: Gemma-3's global layers key-biased, its sliding-window
+    layers as --kv-cache-dtype; pages stay one size, so vLLM's hybrid allocator accepts it."""
+    monkeypatch.setenv("TURBOQUANT_FULL_ATTENTION_DTYPE", "turboquant_3.5_kb")
+    prompt = {"prompt_token_ids": list(range(10, 710))}
+    params = SamplingParams(max_tokens=8, temperature=0, detokenize=False)
+    with engine("turboquant_3.5_mse", model=dummy_gemma3(tmp_path), load_format="dummy",
+                skip_tokenizer_init=True) as llm:
+        tokens = llm.generate([prompt], params)[0].outputs[0].token_ids
+        layers = _layer_formats(llm)
+    assert len(tokens) == 8
+    assert layers == [(512, "turboquant_3.5_mse")] * 5 + [(None, "turboquant_3.5_kb")]
+
+
+def test_full_attention_format_of_other_bytes_fails_at_startup_with_the_fix(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("TURBOQUANT_FULL_ATTENTION_DTYPE", "turboquant_3.5")
+    with pytest.raises(Exception, match=r"stores 218 bytes .* 216: .*one of turboquant_3.5_mse, "
+                                        r"turboquant_3.5_kb"):
+        with engine("turboquant_3.5_mse", model=dummy_gemma3(tmp_path), load_format="dummy",
+                    skip_tokenizer_init=True):
+            pass
+
+
 def test_bf16_boundary_layers_option(monkeypatch, report):
     """TURBOQUANT_BF16_FIRST/LAST_LAYERS keep those layers in bf16; capacity follows the byte mix."""
     monkeypatch.setenv("TURBOQUANT_BF16_FIRST_LAYERS", "2")

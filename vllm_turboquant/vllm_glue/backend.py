@@ -238,7 +238,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.num_heads, self.head_size, self.scale = num_heads, head_size, scale
         self.num_kv_heads = num_kv_heads or num_heads
         self.sliding_window = sliding_window
-        self.kv_cache_dtype = kv_cache_dtype
+        # Same page bytes either way (options.full_attention_dtype checks), so vLLM's sizing by
+        # kv_cache_dtype holds for every layer.
+        self.kv_cache_dtype = (kv_cache_dtype if sliding_window is not None
+                               else options.full_attention_dtype(kv_cache_dtype, head_size))
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.codec: LayerKVCodec | None = None  # built at the first write, once block_size is known
         self.recent = _recent_tokens(self.num_kv_heads, head_size)

@@ -13,6 +13,11 @@ TURBOQUANT_EXACT_ROWS=N          how many running requests get those copies, one
 TURBOQUANT_CALIBRATION_TOKENS=1024
                                  tokens of built-in text every layer calibrates on when the
                                  engine starts (0: the first request's first chunk calibrates)
+TURBOQUANT_FULL_ATTENTION_DTYPE=D
+                                 store the full-attention (not sliding-window) layers in format D,
+                                 one with the page bytes of --kv-cache-dtype (turboquant_3.5_kb
+                                 with turboquant_3.5_mse): e.g. more key bits where Gemma-3's
+                                 global layers read 32k tokens (default: --kv-cache-dtype)
 All layers are compressed by default; fragile models sometimes need their first/last layers exact
 (not in models with sliding-window layers: vLLM's allocator cannot mix the page sizes there).
 Every process reads the same environment, so API server, engine core and workers agree.
@@ -20,6 +25,29 @@ Every process reads the same environment, so API server, engine core and workers
 from __future__ import annotations
 
 import os
+
+
+def full_attention_dtype(kv_cache_dtype: str, head_size: int) -> str:
+    """The format of a full-attention layer: TURBOQUANT_FULL_ATTENTION_DTYPE if set, checked to
+    store what kv_cache_dtype stores per token (vLLM sizes every layer's pages alike, and a
+    sliding-window model's allocator cannot mix page sizes)."""
+    from ..codec.formats import FORMATS
+
+    name = os.environ.get("TURBOQUANT_FULL_ATTENTION_DTYPE", "").strip()
+    if not name or name == kv_cache_dtype:
+        return kv_cache_dtype
+    if name not in FORMATS:
+        raise ValueError(f"TURBOQUANT_FULL_ATTENTION_DTYPE={name!r} is not a TurboQuant format; "
+                         f"use one of {', '.join(FORMATS)}, or unset it.")
+    want = FORMATS[kv_cache_dtype].bytes_per_token_head(head_size)
+    same = [n for n, f in FORMATS.items() if f.bytes_per_token_head(head_size) == want]
+    if name not in same:
+        raise ValueError(
+            f"TURBOQUANT_FULL_ATTENTION_DTYPE={name!r} stores "
+            f"{FORMATS[name].bytes_per_token_head(head_size)} bytes per token and KV head at "
+            f"head_dim {head_size}, --kv-cache-dtype {kv_cache_dtype} {want}: every layer's pages "
+            f"must be the same size. With {kv_cache_dtype} use one of {', '.join(same)}.")
+    return name
 
 
 def _int_env(name: str, default: int = 0) -> int:

@@ -75,6 +75,10 @@ def _apply_layer_options(config) -> None:
             f"TURBOQUANT_BF16_LAST_LAYERS cannot keep layers in bf16 in a model with "
             f"sliding-window layers (window {window}: vLLM's KV allocator needs page sizes that "
             f"divide each other); unset them, or use --kv-cache-dtype auto (bf16) or fp8.")
+    full = options.full_attention_dtype(cache.cache_dtype, config.model_config.get_head_size())
+    if full != cache.cache_dtype:  # checked here so a bad value fails before any worker starts
+        logger.info("TurboQuant: full-attention layers store %s (TURBOQUANT_FULL_ATTENTION_DTYPE)",
+                    full)
     if keep:
         logger.info("TurboQuant: keeping layers %s in bf16 (TURBOQUANT_BF16_*_LAYERS)", keep)
         skip |= {str(i) for i in keep}
