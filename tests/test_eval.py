@@ -97,3 +97,14 @@ def test_markdown_reports_needle_difference_per_length():
     row = next(line for line in text.splitlines()
                if line.startswith("| turboquant_3.5_mse | -25.0"))
     assert row.split(" | ")[2].startswith("+0.0 (+0.0 to +0.0)")  # 4096: no prompt differs
+
+
+def test_markdown_names_the_commit_and_the_plugin_settings(monkeypatch):
+    monkeypatch.setenv("TQ_COMMIT", "abc1234")
+    monkeypatch.setenv("TURBOQUANT_CENTER_KEYS", "0")
+    meta = dict(date="today", device="cpu", model="m", head_dim=64, windows=1, window=8, chunk=4,
+                needle_trials=0, commit=tq_eval.commit_id(), options=tq_eval.plugin_options())
+    ref = tq_eval.DtypeResult("auto", 512, ppl=10.0, kl_top20=0.0, top1=1.0)
+    first = tq_eval.markdown([ref], meta, "python -m vllm_turboquant.eval").splitlines()[0]
+    assert first.startswith("`TURBOQUANT_CENTER_KEYS=0 python -m vllm_turboquant.eval`")
+    assert "commit abc1234" in first

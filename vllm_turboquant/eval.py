@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -254,7 +255,26 @@ def _meta(cfg, head_dim, n_windows, window, lengths, needle) -> dict:
                 needle_trials=needle.get("trials", 0), date=str(datetime.date.today()),
                 device=_device_name(), lm_eval_documents=lm_cfg.get("documents", 0),
                 lm_eval_words=lm_cfg.get("words", 400),
-                lm_eval_max_model_len=lm_cfg.get("max_model_len", 1024))
+                lm_eval_max_model_len=lm_cfg.get("max_model_len", 1024),
+                commit=commit_id(), options=plugin_options())
+
+
+def commit_id() -> str:
+    """Short commit of this checkout; TQ_COMMIT where there is no .git (a copied tree)."""
+    if os.environ.get("TQ_COMMIT"):
+        return os.environ["TQ_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out or "unknown"
+
+
+def plugin_options() -> dict[str, str]:
+    """The TURBOQUANT_* settings of this run: they change what a format measures, and the
+    command line does not show them."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("TURBOQUANT_")}
 
 
 def _device_name() -> str:
@@ -270,7 +290,9 @@ def _device_name() -> str:
 
 def markdown(results: list[DtypeResult], meta: dict, command: str) -> str:
     ref = next((r for r in results if r.dtype == "auto" and r.ppl), None)
-    lines = [f"`{command}` on {meta['date']}, {meta['device']}: model {meta['model']} "
+    settings = "".join(f"{k}={v} " for k, v in meta.get("options", {}).items())
+    lines = [f"`{settings}{command}` on {meta['date']}, {meta['device']}, "
+             f"commit {meta.get('commit', 'unknown')}: model {meta['model']} "
              f"(head_dim {meta['head_dim']}); quality over {meta['windows']} x {meta['window']} "
              f"tokens of real text, prefill in chunks of {meta['chunk']} tokens "
              f"(every later chunk reads the compressed cache); KL over the reference's top-20.", "",
