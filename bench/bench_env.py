@@ -3,15 +3,8 @@ running each dtype's engine in its own process."""
 from __future__ import annotations
 
 import gc
-import os
-import subprocess
 
-
-def commit_id() -> str:
-    """Short commit of the working tree; TQ_COMMIT where there is no .git (the device machine)."""
-    return os.environ.get("TQ_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip() or "unknown"
+from vllm_turboquant.eval import commit_id  # noqa: F401  (one definition for benches and eval)
 
 
 def release_engine(llm) -> None:
