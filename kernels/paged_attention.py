@@ -148,14 +148,14 @@ def channel_chunks(head_dim: int) -> int:
 
 
 def tile_order(head_dim: int, unit: int, chunks: int = 1) -> torch.Tensor:
-    """Channel at each position c·dc + q·(dc/unit) + w of a decoded K/V tile (tq_attention.py,
+    """Channel at each position c·dc + w·unit + q of a decoded K/V tile (tq_attention.py,
     dc = head_dim / chunks channels per chunk c): word c·dc/unit + w's position q
     (lut_unpack.word_order). Outlier channels come first, as in the codec."""
     dc = head_dim // chunks
     words = dc // unit
     p = torch.arange(head_dim)
     c, p = p // dc, p % dc
-    return (c * words + p % words) * unit + word_order(unit)[p // words]
+    return (c * words + p // unit) * unit + word_order(unit)[p % unit]
 
 
 def page_constants(codec: LayerKVCodec, c: AttentionConstants, device: torch.device,
