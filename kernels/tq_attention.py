@@ -177,10 +177,33 @@ def _scales(head_base, slot, tok_mask, OFF_GO: tl.constexpr, OFF_GR: tl.constexp
     ⊕ γ_r·regular (up to fp16 rounding of the outlier factor). The scale is γ_r (γ_o/1024 if that
     is larger) and the outlier words carry rho = γ_o/scale ≤ 1024, so one tl.dot covers both
     groups (a key whose regular part is below 1/1024 of its outliers' gains ≤ 0.1% error)."""
-    g_o = _norm16(head_base, slot, tok_mask, OFF_GO).to(tl.float32)
-    g_r = _norm16(head_base, slot, tok_mask, OFF_GR).to(tl.float32)
+    return _scales_of(_norm16(head_base, slot, tok_mask, OFF_GO),
+                      _norm16(head_base, slot, tok_mask, OFF_GR))
+
+
+@triton.jit
+def _scales_of(g_o, g_r):
+    """_scales from the norms γ_o, γ_r (fp16 [BLOCK_N])."""
+    g_o = g_o.to(tl.float32)
+    g_r = g_r.to(tl.float32)
     scale = tl.maximum(g_r, g_o * (1.0 / 1024))
     return scale, (g_o / tl.maximum(scale, 1e-30)).to(tl.float16)  # rho 0 for a zero vector
+
+
+@triton.jit
+def _tile_norms(start, b, lo, hi, h, CACHE, BLOCK_TABLE, stride_bt, page_bytes, head_stride,
+                BS: tl.constexpr, BLOCK_N: tl.constexpr, OFF_KGO: tl.constexpr,
+                OFF_KGR: tl.constexpr, OFF_VGO: tl.constexpr, OFF_VGR: tl.constexpr):
+    """fp16 norms [BLOCK_N] of the tile at `start`: K's γ_o, γ_r, V's γ_o, γ_r. The main loop loads them one tile ahead: 2-byte loads are not
+    prefetched by Triton's pipeliner (no cp.async below 4 bytes), and waiting for them at the
+    top of every tile was the kernel's largest stall (ncu, H100: ~17% of warp samples)."""
+    pos = start + tl.arange(0, BLOCK_N)
+    tok_mask = (pos < hi) & (pos >= lo)
+    phys = tl.load(BLOCK_TABLE + b * stride_bt + pos // BS, mask=tok_mask, other=0)
+    head_base = CACHE + phys.to(tl.int64) * page_bytes + h * head_stride
+    slot = pos % BS
+    return (_norm16(head_base, slot, tok_mask, OFF_KGO), _norm16(head_base, slot, tok_mask, OFF_KGR),
+            _norm16(head_base, slot, tok_mask, OFF_VGO), _norm16(head_base, slot, tok_mask, OFF_VGR))
 
 
 @triton.jit
@@ -223,7 +246,7 @@ def _sign_chunk(head_base, slot, tok_mask, CB, TAB, c: tl.constexpr, OFF_KS: tl.
 
 @triton.jit
 def _tile(start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0, q1,
-          sq0, sq1,
+          sq0, sq1, k_go, k_gr, v_go, v_gr,
           CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
           scale_log2e, stride_bt, page_bytes, head_stride, st_window,
           HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, N_O: tl.constexpr, U: tl.constexpr,
@@ -240,7 +263,8 @@ def _tile(start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, 
     Channels come in D / DC chunks (1 or 2): queries q0, q1 and accumulators acc0, acc1 (the second
     unused with one chunk, and dropped from the loop by the compiler).
     CB / TAB: fp16 codebooks / look-up tables of K outliers, K regular, V outliers, V regular and
-    the QJL signs (rows of 16 / 4)."""
+    the QJL signs (rows of 16 / 4). k_go ... v_gr: the tile's norms, loaded one tile ahead by the
+    caller (_tile_norms); unused by EXACT and HAS_QJL, which load them here."""
     pos = start + tl.arange(0, BLOCK_N)
     # Never touch positions before the window: vLLM may have freed (and reused) those pages.
     tok_mask = (pos < hi) & (pos >= lo)
@@ -273,7 +297,10 @@ def _tile(start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, 
         if TWO:
             acc1 = acc1 * _per_row(alpha, SWAP) + _pv(p, _staged(ST_V, ent, ex, c1, D), SWAP)
     else:
-        k_scale, k_rho = _scales(head_base, slot, tok_mask, OFF_KGO, OFF_KGR)
+        if HAS_QJL:  # carrying norms across tiles made the QJL loop spill at 168 registers
+            k_scale, k_rho = _scales(head_base, slot, tok_mask, OFF_KGO, OFF_KGR)
+        else:
+            k_scale, k_rho = _scales_of(k_go, k_gr)
         s = _qk(q0, _chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 0, OFF_KCO, OFF_KCR, D, DC,
                            N_O, KBO, KBR, U, USE_ASM), SWAP)
         if TWO:
@@ -289,7 +316,10 @@ def _tile(start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, 
             rnorm = _norm16(head_base, slot, tok_mask, OFF_KRN).to(tl.float32)
             s += t * _per_token(rnorm, SWAP)
         p, alpha, m_i, l_i = _online_softmax(s, visible, m_i, l_i, scale_log2e, SWAP)
-        v_scale, v_rho = _scales(head_base, slot, tok_mask, OFF_VGO, OFF_VGR)
+        if HAS_QJL:
+            v_scale, v_rho = _scales(head_base, slot, tok_mask, OFF_VGO, OFF_VGR)
+        else:
+            v_scale, v_rho = _scales_of(v_go, v_gr)
         p_v = (p * _per_token(v_scale, SWAP)).to(tl.float16)
         acc0 = acc0 * _per_row(alpha, SWAP) + _pv(p_v, _chunk(
             head_base, slot, tok_mask, v_rho, CB + 32, TAB + 8, 0, OFF_VCO, OFF_VCR, D, DC, N_O,
@@ -391,24 +421,41 @@ def tq_attention_kernel(
         lo = tl.maximum(split * tokens_per_split, row_min)
         hi = tl.minimum(split * tokens_per_split + tokens_per_split, tl.max(row_len, 0))
     first = lo // BLOCK_N * BLOCK_N
+    z = tl.zeros([BLOCK_N], dtype=tl.float16)  # norms for _tile calls that load their own
     if TAIL:
         for start in tl.range(first, hi, BLOCK_N):
             m_i, l_i, acc0, acc1 = _tile(
                 start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1,
-                q0, q1, sq0, sq1, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
+                q0, q1, sq0, sq1, z, z, z, z, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
                 scale_log2e, stride_bt, page_bytes, head_stride, st_window,
                 HKV, D, DC, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL,
                 True, True, USE_ASM, SWAP, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR,
                 OFF_KRN, OFF_VCO, OFF_VCR, OFF_VGO, OFF_VGR)
-    else:
+    elif HAS_QJL:
         for start in tl.range(first, hi, BLOCK_N):
             m_i, l_i, acc0, acc1 = _tile(
                 start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0,
-                q1, sq0, sq1, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
+                q1, sq0, sq1, z, z, z, z, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V, ST_TAG,
                 scale_log2e, stride_bt, page_bytes, head_stride, st_window,
-                HKV, D, DC, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, HAS_QJL, HAS_RECENT,
+                HKV, D, DC, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, True, HAS_RECENT,
                 False, USE_ASM, SWAP, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN, OFF_VCO,
                 OFF_VCR, OFF_VGO, OFF_VGR)
+    else:  # each tile's norms are loaded one tile ahead (_tile_norms)
+        k_go, k_gr, v_go, v_gr = _tile_norms(
+            first, b, lo, hi, h, CACHE, BLOCK_TABLE, stride_bt, page_bytes, head_stride, BS,
+            BLOCK_N, OFF_KGO, OFF_KGR, OFF_VGO, OFF_VGR)
+        for start in tl.range(first, hi, BLOCK_N):
+            n_kgo, n_kgr, n_vgo, n_vgr = _tile_norms(
+                start + BLOCK_N, b, lo, hi, h, CACHE, BLOCK_TABLE, stride_bt, page_bytes,
+                head_stride, BS, BLOCK_N, OFF_KGO, OFF_KGR, OFF_VGO, OFF_VGR)
+            m_i, l_i, acc0, acc1 = _tile(
+                start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, acc1, q0,
+                q1, sq0, sq1, k_go, k_gr, v_go, v_gr, CACHE, BLOCK_TABLE, CB, TAB, ST_K, ST_V,
+                ST_TAG, scale_log2e, stride_bt, page_bytes, head_stride, st_window,
+                HKV, D, DC, N_O, U, BS, BLOCK_N, KBO, KBR, VBO, VBR, False, HAS_RECENT,
+                False, USE_ASM, SWAP, OFF_KCO, OFF_KCR, OFF_KS, OFF_KGO, OFF_KGR, OFF_KRN, OFF_VCO,
+                OFF_VCR, OFF_VGO, OFF_VGR)
+            k_go, k_gr, v_go, v_gr = n_kgo, n_kgr, n_vgo, n_vgr
 
     part = row * part_stride + split
     tl.store(PART_M + part, m_i, mask=row_ok)
