@@ -32,21 +32,27 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / ms / 1e6  # GB/s
 
 
-def turboquant_case(fmt: str, batch: int, ctx: int, exact: int = 0, **tuning):
-    """`exact` > 0: every sequence's newest `exact` tokens also have valid exact copies, so the
-    kernel takes the tag-checked path for its last tiles (the serving default)."""
-    lay = page_layout(fmt, D, BS, HKV)
+def tq_pages(fmt: str, batch: int, ctx: int, hkv: int = HKV, d: int = D):
+    """(codec, pages, block table, lengths) of `batch` sequences of `ctx` random cached tokens."""
+    lay = page_layout(fmt, d, BS, hkv)
     codec = LayerKVCodec(lay)
-    codec.calibrate(torch.randn(64, HKV, D), torch.randn(64, HKV, D))
-    blocks_per_seq = ctx // BS
+    codec.calibrate(torch.randn(64, hkv, d), torch.randn(64, hkv, d))
+    blocks_per_seq = triton.cdiv(ctx, BS)
     num_blocks = batch * blocks_per_seq
     cache = torch.randint(0, 256, (num_blocks, lay.page_bytes), dtype=torch.uint8, device="cuda")
-    heads = cache.view(num_blocks, HKV, lay.head_stride)
+    heads = cache.view(num_blocks, hkv, lay.head_stride)
     for name, r in lay.regions.items():  # sane fp16 norms; random codes and signs are all valid
         if r.row_bytes == 2:
             heads[:, :, r.offset: r.offset + 2 * BS].view(torch.float16).fill_(0.25)
     table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return codec, cache, table, lens
+
+
+def turboquant_case(fmt: str, batch: int, ctx: int, exact: int = 0, **tuning):
+    """`exact` > 0: every sequence's newest `exact` tokens also have valid exact copies, so the
+    kernel takes the tag-checked path for its last tiles (the serving default)."""
+    codec, cache, table, lens = tq_pages(fmt, batch, ctx)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
     recent = None
     if exact:
@@ -60,19 +66,25 @@ def turboquant_case(fmt: str, batch: int, ctx: int, exact: int = 0, **tuning):
         recent.value.normal_()
     fn = lambda: decode_attention(codec, q, cache, table, lens, D ** -0.5, recent=recent,  # noqa: E731
                                   **tuning)
-    return fn, batch * ctx * HKV * lay.slot_bytes
+    return fn, batch * ctx * HKV * codec.layout.slot_bytes
+
+
+def fa3_pages(batch: int, ctx: int, dtype: torch.dtype, hkv: int = HKV, d: int = D):
+    """(k, v, block table, lengths): bf16 or fp8 pages of `batch` sequences of `ctx` tokens."""
+    blocks_per_seq = triton.cdiv(ctx, BS)
+    num_blocks = batch * blocks_per_seq
+    k = torch.randn(num_blocks, BS, hkv, d, device="cuda", dtype=torch.bfloat16).to(dtype)
+    v = torch.randn(num_blocks, BS, hkv, d, device="cuda", dtype=torch.bfloat16).to(dtype)
+    table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return k, v, table, lens
 
 
 def fa3_case(batch: int, ctx: int, fp8: bool):
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-    blocks_per_seq = ctx // BS
-    num_blocks = batch * blocks_per_seq
     dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
-    k = torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=torch.bfloat16).to(dtype)
-    v = torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=torch.bfloat16).to(dtype)
-    table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    k, v, table, lens = fa3_pages(batch, ctx, dtype)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16).to(dtype)
     cu_q = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
     extra = {}

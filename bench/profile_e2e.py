@@ -1,6 +1,7 @@
 """Profile vLLM decode steps in-process (torch.profiler): which GPU kernels and how much CPU time.
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python bench/profile_e2e.py [--layers 4] [--dtype turboquant_3.5]
+                                                              [--trace out.json.gz]
 
 Llama-3.1-8B-shaped dummy model cut to --layers layers; --prompts prompts of --prompt-len tokens
 are prefilled once (prefix caching on), then --steps decode steps of the same prompts are profiled.
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--dtype", default="turboquant_3.5")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--trace", help="also write the profile as a gzipped Chrome trace here")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     cfg = json.loads((CONFIGS / "llama-3.1-8b-shape.json").read_text())
@@ -48,6 +50,14 @@ def main() -> None:
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         llm.generate(prompts, sp(args.steps), use_tqdm=False)
+    if args.trace:
+        import gzip
+        import shutil
+
+        raw = tempfile.mktemp(suffix=".json")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(args.trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
     print(f"{args.dtype}: {args.steps} steps x {args.prompts} seqs in {wall:.2f} s "

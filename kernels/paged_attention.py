@@ -28,11 +28,14 @@ LOG2E = 1.4426950408889634
 # channel halves (channel_chunks). H100, `bench/kernel_decode.py --sweep` (2026-11-23), 16 x 32k /
 # 64 x 4k: 3.5_mse 566 / 321 us, 3.5 757 / 407 us, vs 832 / 441 and 1024 / 536 for the former
 # 128 tokens x 4 warps x 3 stages x 1056 programs, one chunk. head_dim 256 keeps the former shape
-# (two tokens of 256 channels per thread spill). Multi-token tiles (64 query rows) use 64 tokens
-# and 4 warps to bound registers.
+# (two tokens of 256 channels per thread spill).
 _DECODE_PROGRAMS, _PREFILL_PROGRAMS = 4224, 1056
 _NO_WINDOW = 1 << 30
-PREFILL_BLOCK_N = 64
+# Tiles of several query tokens (up to 64 query rows): 128 cached tokens, 4 warps. With 64
+# tokens the sm_90 build spilled (776 B of stack for 3.5_mse, head_dim 128; 0 with 128): H100,
+# 48 sequences x 16 new tokens over 8k context, 3.8 ms -> 0.67 ms (FA3-bf16 0.56 ms;
+# bench/kernel_chunk.py --sweep, docs/kernel_chunk.md).
+PREFILL_BLOCK_N = 128
 
 
 def decode_tile_shape(head_dim: int) -> tuple[int, int, int]:
@@ -192,7 +195,7 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
                      block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, target_programs: int | None = None,
                      recent: RecentTokens | None = None, context_only: bool = False,
-                     return_lse: bool = False, swap: bool = True,
+                     return_lse: bool = False, swap: bool = True, block_q: int | None = None,
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequence i owns queries query[qsl[i]:qsl[i+1]] ([T, Hq, d]), the last positions of its
     seq_lens[i] tokens, whose K/V are already in the cache [num_blocks, page_bytes]. Causal.
@@ -204,7 +207,9 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     [T, Hq] (-inf for a row that saw no key).
     swap: single-token tiles with the query rows as the mma's N dimension (tq_attention's SWAP),
     padded to 8 rather than 16: 255 -> 168 registers, H100 16 x 32k decode 540 -> 472 us
-    (docs/kernel_decode.md); False only to compare."""
+    (docs/kernel_decode.md); False only to compare.
+    block_q: query tokens per tile (default: 1 for decode, else as many as fill 64 rows); 1 runs
+    every token as its own decode row."""
     lay = codec.layout
     num_tokens, hq, d = query.shape
     num_seqs = seq_lens.shape[0]
@@ -212,7 +217,8 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     q, sq = _rotate_queries(c, query)
 
     g_p2 = next_pow2(c.group)
-    block_q = 1 if max_query_len == 1 else max(1, 64 // g_p2)
+    if block_q is None:  # tiles of up to 64 rows; a short chunk's tile holds all its tokens
+        block_q = min(next_pow2(max_query_len), max(1, 64 // g_p2))
     swap = swap and block_q == 1 and g_p2 <= 8
     block_m = max(8 if swap else 16, block_q * g_p2)
     shape = (*decode_tile_shape(d), _DECODE_PROGRAMS) if block_q == 1 else \
@@ -226,7 +232,9 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
         q_lens = query_start_loc[1:] - query_start_loc[:-1]
         tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query.device)
         torch.cumsum((q_lens + block_q - 1) // block_q, 0, out=tiles[1:])
-    max_tiles = num_seqs if block_q == 1 else num_tokens // block_q + num_seqs  # static bound
+    # static bounds on the tile count (decode: one per sequence)
+    max_tiles = num_seqs if max_query_len == 1 else \
+        num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
 
     max_tokens = block_table.shape[1] * lay.block_size  # static bound: no host sync
     if num_splits is None:

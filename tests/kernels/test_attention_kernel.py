@@ -92,11 +92,13 @@ def _exact_part(q, k, v, scale, window):
 
 @pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
 @pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("block_q", [None, 1])
 @HEADS
-def test_context_only_merged_with_exact_new_tokens(name, window, d, kv_heads, gqa, gen):
+def test_context_only_merged_with_exact_new_tokens(name, window, block_q, d, kv_heads, gqa, gen):
     # What the backend does for multi-token steps: the step's own tokens attend to each other
     # exactly, the context before them through the pages; merged, that is attention over
     # [decoded context, exact new tokens]. Decode, a 5-token chunk, a fresh prompt, 3 speculative.
+    # block_q 1: every query token its own decode row (the short-chunk path).
     from vllm_turboquant.codec import dense_attention
     from vllm_turboquant.kernels.paged_attention import merge_attention
 
@@ -106,7 +108,7 @@ def test_context_only_merged_with_exact_new_tokens(name, window, d, kv_heads, gq
     on = lambda t: t.to(DEVICE)  # noqa: E731
     out_ctx, lse_ctx = varlen_attention(codec, on(query), on(cache), on(table), on(lens), on(qsl),
                                         scale, max(q_lens), sliding_window=window, num_splits=2,
-                                        context_only=True, return_lse=True)
+                                        context_only=True, return_lse=True, block_q=block_q)
     for i, (n, t) in enumerate(zip(seq_lens, q_lens)):
         rows = slice(int(qsl[i]), int(qsl[i + 1]))
         k, v = dense[i]
