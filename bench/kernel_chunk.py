@@ -32,8 +32,9 @@ def tq_chunk_case(fmt: str, batch: int, ctx: int, chunk: int, **tuning):
     codec, cache, table, lens = tq_pages(fmt, batch, ctx + chunk, hkv, d)
     q = torch.randn(batch * chunk, hq, d, device="cuda", dtype=torch.bfloat16)
     qsl = torch.arange(0, batch * chunk + 1, chunk, device="cuda", dtype=torch.int32)
-    return lambda: varlen_attention(codec, q, cache, table, lens, qsl, d ** -0.5, chunk,  # noqa: E731
-                                    context_only=True, return_lse=True, **tuning)
+    return lambda: varlen_attention(  # noqa: E731
+        codec, q, cache, table, lens, qsl, d ** -0.5, chunk, context_only=True, return_lse=True,
+        **tuning)
 
 
 def fa3_chunk_case(batch: int, ctx: int, chunk: int):
@@ -43,10 +44,10 @@ def fa3_chunk_case(batch: int, ctx: int, chunk: int):
     k, v, table, lens = fa3_pages(batch, ctx + chunk, torch.bfloat16, hkv, d)
     q = torch.randn(batch * chunk, hq, d, device="cuda", dtype=torch.bfloat16)
     cu_q = torch.arange(0, batch * chunk + 1, chunk, device="cuda", dtype=torch.int32)
-    return lambda: flash_attn_varlen_func(q, k, v, max_seqlen_q=chunk, cu_seqlens_q=cu_q,  # noqa: E731
-                                          max_seqlen_k=ctx + chunk, seqused_k=lens,
-                                          softmax_scale=d ** -0.5, causal=True,
-                                          block_table=table, fa_version=3, return_softmax_lse=True)
+    return lambda: flash_attn_varlen_func(  # noqa: E731
+        q, k, v, max_seqlen_q=chunk, cu_seqlens_q=cu_q, max_seqlen_k=ctx + chunk, seqused_k=lens,
+        softmax_scale=d ** -0.5, causal=True, block_table=table, fa_version=3,
+        return_softmax_lse=True)
 
 
 def time_us(fn) -> float:

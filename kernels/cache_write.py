@@ -28,6 +28,11 @@ class _TensorConstants:
         for name, t in self._tables(tc, perm, mean, device).items():
             getattr(self, name).copy_(t)
 
+    def tables(self) -> tuple[torch.Tensor, ...]:
+        """In the kernel's argument order (MEAN ... S_R)."""
+        return (self.mean, self.perm, self.r_o, self.r_r, self.b_o, self.b_r, self.c_o,
+                self.c_r, self.s_o, self.s_r)
+
     def _tables(self, tc: TensorCodec, perm, mean, device) -> dict[str, torch.Tensor]:
         f32 = dict(dtype=torch.float32, device=device)
         n_r_pad = self.n_r_pad
@@ -82,32 +87,41 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
     kconst, vconst = device_constants(codec, key.device)
     staged = recent is not None  # without it the staging pointers are never dereferenced
     k_stage, v_stage, tags = (recent.key, recent.value, recent.tag) if staged else (cache,) * 3
-    k_write, v_write = _write_launchers(codec, kconst, vconst, staged)
-    for write, c, x, stage in ((k_write, kconst, key, k_stage), (v_write, vconst, value, v_stage)):
-        write((triton.cdiv(n, BLOCK_T), lay.num_kv_heads),
-              x[:n].contiguous(), slots, cache, c.mean, c.perm, c.r_o, c.r_r, c.b_o, c.b_r,
-              c.c_o, c.c_r, c.s_o, c.s_r, entries if staged else slots, stage, tags,
-              n, lay.page_bytes, lay.head_stride)
+    key, value = _rows(key[:n]), _rows(value[:n])
+    _write_launcher(codec, kconst, staged)(
+        (triton.cdiv(n, BLOCK_T), lay.num_kv_heads, 2),
+        key, value, slots, cache, *kconst.tables(), *vconst.tables(),
+        entries if staged else slots, k_stage, v_stage, tags, n, key.stride(0), value.stride(0),
+        lay.page_bytes, lay.head_stride)
 
 
-def _write_launchers(codec: LayerKVCodec, kconst: _TensorConstants, vconst: _TensorConstants,
-                     staged: bool) -> tuple[VariantLauncher, VariantLauncher]:
-    """The K and V write launchers of a codec (built once: their constants are the layout's)."""
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [N, H, d] with contiguous heads; tokens may be strided (vLLM's K and V are views into
+    the fused QKV projection: reading them in place saves two copies per layer and step)."""
+    h, d = x.shape[1:]
+    return x if x.stride(2) == 1 and x.stride(1) == d else x.contiguous()
+
+
+def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants,
+                    staged: bool) -> VariantLauncher:
+    """The codec's K+V write launcher (built once: its constants are the layout's)."""
     cache = codec.__dict__.setdefault("_write_launchers", {})
-    entry = cache.get((id(kconst), staged))  # one constants object per device
-    if entry is None:
+    launcher = cache.get((id(kconst), staged))  # one constants object per device
+    if launcher is None:
         lay = codec.layout
         off = {name: r.offset for name, r in lay.regions.items()}
-        entry = cache[(id(kconst), staged)] = tuple(
-            VariantLauncher(
-                tq_write.tq_write_kernel,
-                H=lay.num_kv_heads, D=lay.head_dim, N_O=tc.n_o, N_R=tc.n_r, N_R_PAD=c.n_r_pad,
-                BS=lay.block_size, BLOCK_T=BLOCK_T, BO=tc.fmt.outlier_bits,
-                BR=tc.fmt.regular_bits, HAS_QJL=tc.fmt.has_qjl,
-                NORM_CORRECTION=tc.outlier.norm_correction,
-                OFF_CO=off[f"{prefix}.codes_o"], OFF_CR=off[f"{prefix}.codes_r"],
-                OFF_S=off.get(f"{prefix}.signs", 0), OFF_GO=off[f"{prefix}.gamma_o"],
-                OFF_GR=off[f"{prefix}.gamma_r"], OFF_RN=off.get(f"{prefix}.rnorm", 0),
-                HAS_STAGE=staged, IS_KEY=prefix == "k")
-            for prefix, tc, c in (("k", codec.key, kconst), ("v", codec.value, vconst)))
-    return entry
+        per_tensor = {}
+        for prefix, tc in (("k", codec.key), ("v", codec.value)):
+            p = prefix.upper()
+            per_tensor.update({
+                f"{p}_BO": tc.fmt.outlier_bits, f"{p}_BR": tc.fmt.regular_bits,
+                f"{p}_QJL": tc.fmt.has_qjl, f"{p}_NC": tc.outlier.norm_correction,
+                f"{p}_OFF_CO": off[f"{prefix}.codes_o"], f"{p}_OFF_CR": off[f"{prefix}.codes_r"],
+                f"{p}_OFF_S": off.get(f"{prefix}.signs", 0),
+                f"{p}_OFF_GO": off[f"{prefix}.gamma_o"], f"{p}_OFF_GR": off[f"{prefix}.gamma_r"],
+                f"{p}_OFF_RN": off.get(f"{prefix}.rnorm", 0)})
+        launcher = cache[(id(kconst), staged)] = VariantLauncher(
+            tq_write.tq_write_kernel, H=lay.num_kv_heads, D=lay.head_dim, N_O=codec.key.n_o,
+            N_R=codec.key.n_r, N_R_PAD=kconst.n_r_pad, BS=lay.block_size, BLOCK_T=BLOCK_T,
+            HAS_STAGE=staged, **per_tensor)
+    return launcher

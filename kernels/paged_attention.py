@@ -77,6 +77,7 @@ class AttentionConstants:
         # The kernels' launchers per variant: their compile-time constants are the layout's, so
         # calibration never changes them.
         self.launchers: dict[tuple, tuple] = {}
+        self._half: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}  # see rotations()
         self.refresh(codec)
 
     def refresh(self, codec: LayerKVCodec) -> None:
@@ -120,8 +121,26 @@ class AttentionConstants:
                 setattr(self, name, t.contiguous())
             else:
                 getattr(self, name).copy_(t)
+        for copies in self._half.values():
+            for dst, src in zip(copies, self._rotations32()):
+                dst.copy_(src)
         self.has_qjl = kc.fmt.has_qjl
         self.version = codec.version
+
+    def _rotations32(self) -> tuple[torch.Tensor, ...]:
+        return self.q_rotation, self.r_back, self.value_mean
+
+    def rotations(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(q_rotation, r_back, value_mean) for queries of `dtype`: bf16/fp16 copies run the two
+        per-step GEMMs on tensor cores (fp32 ones took 8 us each at 48 x 32 heads on the H100,
+        a third of the step's overhead beside the kernel). Built on first use (vLLM's warm-up,
+        before graph capture), refreshed in place with the rest."""
+        if dtype not in (torch.bfloat16, torch.float16):
+            return self._rotations32()
+        copies = self._half.get(dtype)
+        if copies is None:
+            copies = self._half[dtype] = tuple(t.to(dtype) for t in self._rotations32())
+        return copies
 
     @classmethod
     def of(cls, codec: LayerKVCodec, num_q_heads: int, device: torch.device) -> "AttentionConstants":
@@ -182,9 +201,9 @@ def page_constants(codec: LayerKVCodec, c: AttentionConstants, device: torch.dev
 
 def _rotate_queries(c: AttentionConstants, query: torch.Tensor):
     """Queries [T, Hq, d] → (q, S·q) in tile order, head-major views [Hq, T, d] of one batched
-    GEMM (S·q is q for MSE-only keys)."""
+    GEMM in the queries' dtype (fp32 accumulation; S·q is q for MSE-only keys)."""
     d = query.shape[-1]
-    qs = torch.bmm(query.transpose(0, 1).float(), c.q_rotation)   # [Hq, T, d or 2d]
+    qs = torch.bmm(query.transpose(0, 1), c.rotations(query.dtype)[0])   # [Hq, T, d or 2d]
     return qs[..., :d], (qs[..., d:] if c.has_qjl else qs[..., :d])
 
 
@@ -203,8 +222,9 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     (batch row i) reads its newest positions from their exact copies where the tags match.
     context_only: attend to the earlier context only, not to the queries' own positions (the
     caller attends those exactly and merges with `merge_attention`).
-    Returns [T, Hq, d] float32, and with return_lse the base-2 log-sum-exp of the scaled scores
-    [T, Hq] (-inf for a row that saw no key).
+    Returns [T, Hq, d] in the queries' dtype (bf16, fp16; else float32), or float32 with
+    return_lse and the base-2 log-sum-exp of the scaled scores [T, Hq] (-inf for a row that saw
+    no key).
     swap: single-token tiles with the query rows as the mma's N dimension (tq_attention's SWAP),
     padded to 8 rather than 16: 255 -> 168 registers, H100 16 x 32k decode 540 -> 472 us
     (docs/kernel_decode.md); False only to compare.
@@ -217,8 +237,8 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     q, sq = _rotate_queries(c, query)
 
     g_p2 = next_pow2(c.group)
-    if block_q is None:  # tiles of up to 64 rows; a short chunk's tile holds all its tokens
-        block_q = min(next_pow2(max_query_len), max(1, 64 // g_p2))
+    if block_q is None:  # one multi-token shape (64 rows), compiled at start-up (warm_up)
+        block_q = 1 if max_query_len == 1 else max(1, 64 // g_p2)
     swap = swap and block_q == 1 and g_p2 <= 8
     block_m = max(8 if swap else 16, block_q * g_p2)
     shape = (*decode_tile_shape(d), _DECODE_PROGRAMS) if block_q == 1 else \
@@ -276,14 +296,17 @@ def varlen_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tens
     # Merge the splits (tq_merge.py, head-major), then one batched GEMM per KV head (its query
     # heads are adjacent rows) rotates back, undoing the tile order and the outlier/regular split
     # too, and adds the value mean.
-    y = torch.empty(hq, num_tokens, d, **f32)
+    # Without the log-sum-exp (a merge with the exact new tokens needs fp32) the merged output is
+    # stored in the queries' dtype and rotated back in it: its rounding is that of the output.
+    _, r_back, value_mean = c.rotations(torch.float32 if return_lse else query.dtype)
+    y = torch.empty(hq, num_tokens, d, dtype=r_back.dtype, device=query.device)
     lse = torch.empty(num_tokens, hq, **f32) if return_lse else y
     if num_tokens:
         merge((num_tokens, hq, d // merge.constexprs["DB"]), part_m, part_l, part_o,
               query.contiguous() if return_lse else y, c.key_mean, y, lse, num_tokens, slots,
               scale * LOG2E)
     hkv = lay.num_kv_heads
-    out = torch.baddbmm(c.value_mean, y.view(hkv, -1, d), c.r_back)
+    out = torch.baddbmm(value_mean, y.view(hkv, -1, d), r_back)
     out = out.view(hq, num_tokens, d).transpose(0, 1)
     return (out, lse) if return_lse else out
 
@@ -323,7 +346,7 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
 def decode_attention(codec: LayerKVCodec, query: torch.Tensor, cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      sliding_window: int | None = None, **tuning) -> torch.Tensor:
-    """One query token per sequence: query [B, Hq, d] → [B, Hq, d] float32."""
+    """One query token per sequence: query [B, Hq, d] → [B, Hq, d] (varlen_attention's dtype)."""
     qsl = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
     return varlen_attention(codec, query, cache, block_table, seq_lens, qsl, scale, 1,
                             sliding_window, **tuning)

@@ -194,9 +194,10 @@ def _scales_of(g_o, g_r):
 def _tile_norms(start, b, lo, hi, h, CACHE, BLOCK_TABLE, stride_bt, page_bytes, head_stride,
                 BS: tl.constexpr, BLOCK_N: tl.constexpr, OFF_KGO: tl.constexpr,
                 OFF_KGR: tl.constexpr, OFF_VGO: tl.constexpr, OFF_VGR: tl.constexpr):
-    """fp16 norms [BLOCK_N] of the tile at `start`: K's γ_o, γ_r, V's γ_o, γ_r. The main loop loads them one tile ahead: 2-byte loads are not
-    prefetched by Triton's pipeliner (no cp.async below 4 bytes), and waiting for them at the
-    top of every tile was the kernel's largest stall (ncu, H100: ~17% of warp samples)."""
+    """fp16 norms [BLOCK_N] of the tile at `start`: K's γ_o, γ_r, V's γ_o, γ_r. The main loop
+    loads them one tile ahead: 2-byte loads are not prefetched by Triton's pipeliner (no
+    cp.async below 4 bytes), and waiting for them at the top of every tile was the kernel's
+    largest stall (ncu, H100: ~17% of warp samples)."""
     pos = start + tl.arange(0, BLOCK_N)
     tok_mask = (pos < hi) & (pos >= lo)
     phys = tl.load(BLOCK_TABLE + b * stride_bt + pos // BS, mask=tok_mask, other=0)

@@ -1,6 +1,6 @@
 """Triton cache write: quantize new K or V vectors and store them into their slots' pages.
 
-One program per (tile of BLOCK_T tokens, KV head): remove the head's mean, gather the channel split,
+One program per (tile of BLOCK_T tokens, KV head, K or V): remove the head's mean, gather the channel split,
 rotate each group with tl.dot (tf32x3: fp32-accurate on tensor cores), bucketize against the
 Lloyd-Max boundaries, norm-correct, and for QJL keys project the residual by S and keep its signs
 and norm; then pack the bit planes and store every region row at the token's slot (slot -1: skip).
@@ -13,13 +13,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_group(X, MEAN, PERM, R, row, h, tok_mask, D: tl.constexpr, START: tl.constexpr,
+def _rotate_group(X, MEAN, PERM, R, x_row, h, tok_mask, D: tl.constexpr, START: tl.constexpr,
                   N: tl.constexpr, N_PAD: tl.constexpr):
-    """x[perm[START:START+N]] - mean, rotated: [BLOCK_T, N_PAD] fp32 (zero beyond N)."""
+    """x[perm[START:START+N]] - mean, rotated: [BLOCK_T, N_PAD] fp32 (zero beyond N); x_row:
+    each token's vector's offset in X."""
     c = tl.arange(0, N_PAD)
     cmask = c < N
     chan = tl.load(PERM + h * D + START + c, mask=cmask, other=0)
-    x = tl.load(X + row[:, None] * D + chan[None, :], mask=tok_mask[:, None] & cmask[None, :],
+    x = tl.load(X + x_row[:, None] + chan[None, :], mask=tok_mask[:, None] & cmask[None, :],
                 other=0.0).to(tl.float32)
     x = x - tl.load(MEAN + h * D + chan, mask=cmask, other=0.0)[None, :]
     rot = tl.load(R + c[:, None] * N_PAD + c[None, :])  # zero-padded [N_PAD, N_PAD]
@@ -64,26 +65,56 @@ def _store_norm(head_base, off, tok_mask, value, OFF: tl.constexpr):
              mask=tok_mask)
 
 
-@triton.jit(do_not_specialize=["num_tokens"])  # batch sizes must not recompile
+@triton.jit(do_not_specialize=["num_tokens", "stride_k", "stride_v"])  # nor batch sizes
 def tq_write_kernel(
+    XK, XV, SLOTS, CACHE,
+    K_MEAN, K_PERM, K_R_O, K_R_R, K_B_O, K_B_R, K_C_O, K_C_R, K_S_O, K_S_R,
+    V_MEAN, V_PERM, V_R_O, V_R_R, V_B_O, V_B_R, V_C_O, V_C_R, V_S_O, V_S_R,
+    ENTRIES, K_STAGE, V_STAGE, TAG, num_tokens, stride_k, stride_v, page_bytes, head_stride,
+    H: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
+    N_R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, HAS_STAGE: tl.constexpr,
+    K_BO: tl.constexpr, K_BR: tl.constexpr, K_QJL: tl.constexpr, K_NC: tl.constexpr,
+    K_OFF_CO: tl.constexpr, K_OFF_CR: tl.constexpr, K_OFF_S: tl.constexpr,
+    K_OFF_GO: tl.constexpr, K_OFF_GR: tl.constexpr, K_OFF_RN: tl.constexpr,
+    V_BO: tl.constexpr, V_BR: tl.constexpr, V_QJL: tl.constexpr, V_NC: tl.constexpr,
+    V_OFF_CO: tl.constexpr, V_OFF_CR: tl.constexpr, V_OFF_S: tl.constexpr,
+    V_OFF_GO: tl.constexpr, V_OFF_GR: tl.constexpr, V_OFF_RN: tl.constexpr,
+):
+    """Grid (token tiles, KV heads, 2): the last axis picks K or V, so one launch writes both
+    (two launches cost ~11 us each at a 48-token decode step on the H100: latency, not work)."""
+    if tl.program_id(2) == 0:
+        _write(XK, SLOTS, CACHE, K_MEAN, K_PERM, K_R_O, K_R_R, K_B_O, K_B_R, K_C_O, K_C_R,
+               K_S_O, K_S_R, ENTRIES, K_STAGE, TAG, num_tokens, stride_k, page_bytes, head_stride,
+               H, D, N_O, N_R, N_R_PAD, BS, BLOCK_T, K_BO, K_BR, K_QJL, K_NC, K_OFF_CO,
+               K_OFF_CR, K_OFF_S, K_OFF_GO, K_OFF_GR, K_OFF_RN, HAS_STAGE, True)
+    else:
+        _write(XV, SLOTS, CACHE, V_MEAN, V_PERM, V_R_O, V_R_R, V_B_O, V_B_R, V_C_O, V_C_R,
+               V_S_O, V_S_R, ENTRIES, V_STAGE, TAG, num_tokens, stride_v, page_bytes, head_stride,
+               H, D, N_O, N_R, N_R_PAD, BS, BLOCK_T, V_BO, V_BR, V_QJL, V_NC, V_OFF_CO,
+               V_OFF_CR, V_OFF_S, V_OFF_GO, V_OFF_GR, V_OFF_RN, HAS_STAGE, False)
+
+
+@triton.jit
+def _write(
     X, SLOTS, CACHE, MEAN, PERM, R_O, R_R, B_O, B_R, C_O, C_R, S_O, S_R, ENTRIES, STAGE, TAG,
-    num_tokens, page_bytes, head_stride,
+    num_tokens, stride_x, page_bytes, head_stride,
     H: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
     N_R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, BO: tl.constexpr,
     BR: tl.constexpr, HAS_QJL: tl.constexpr, NORM_CORRECTION: tl.constexpr,
     OFF_CO: tl.constexpr, OFF_CR: tl.constexpr, OFF_S: tl.constexpr, OFF_GO: tl.constexpr,
     OFF_GR: tl.constexpr, OFF_RN: tl.constexpr, HAS_STAGE: tl.constexpr, IS_KEY: tl.constexpr,
 ):
+    """One (token tile, KV head) of K or V (X [N, H, D], tokens stride_x apart)."""
     h = tl.program_id(1)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slot = tl.load(SLOTS + t, mask=t < num_tokens, other=-1).to(tl.int64)
     tok_mask = slot >= 0
-    row = t * H + h
+    x_row = t.to(tl.int64) * stride_x + h * D
     head_base = CACHE + (slot // BS) * page_bytes + h * head_stride
     off = slot % BS
 
-    x_o = _rotate_group(X, MEAN, PERM, R_O, row, h, tok_mask, D, 0, N_O, N_O)
-    x_r = _rotate_group(X, MEAN, PERM, R_R, row, h, tok_mask, D, N_O, N_R, N_R_PAD)
+    x_o = _rotate_group(X, MEAN, PERM, R_O, x_row, h, tok_mask, D, 0, N_O, N_O)
+    x_r = _rotate_group(X, MEAN, PERM, R_R, x_row, h, tok_mask, D, N_O, N_R, N_R_PAD)
     code_o, gamma_o, rec_o = _quantize_group(x_o, B_O, C_O, N_O, N_O, BO, NORM_CORRECTION)
     code_r, gamma_r, rec_r = _quantize_group(x_r, B_R, C_R, N_R, N_R_PAD, BR, NORM_CORRECTION)
     _store_planes(head_base, off, tok_mask, code_o, OFF_CO, N_O, N_O, BO)

@@ -124,18 +124,41 @@ def test_context_only_merged_with_exact_new_tokens(name, window, block_q, d, kv_
 
 
 def test_constants_follow_calibration_in_place(gen):
-    # CUDA graphs keep the buffers they captured: a later calibration must rewrite them in place.
+    # CUDA graphs keep the buffers they captured: a later calibration must rewrite them in place,
+    # the bf16 copies (rotations()) too.
     codec = LayerKVCodec(page_layout("turboquant_3.5_mse", 64, 16, 1))
     from vllm_turboquant.kernels.paged_attention import AttentionConstants
 
     before = AttentionConstants.of(codec, 2, torch.device(DEVICE))
     ptr, uncalibrated = before.q_rotation.data_ptr(), before.q_rotation.clone()
+    half_ptr = before.rotations(torch.bfloat16)[0].data_ptr()
     codec.calibrate(torch.randn(32, 1, 64, generator=gen) * 3, torch.randn(32, 1, 64, generator=gen))
     after = AttentionConstants.of(codec, 2, torch.device(DEVICE))
     assert after is before and after.q_rotation.data_ptr() == ptr
     rebuilt = AttentionConstants(codec, 2, torch.device(DEVICE))  # from the calibrated codec
     assert not torch.equal(rebuilt.q_rotation, uncalibrated)  # calibration moved the split
     assert torch.equal(after.q_rotation, rebuilt.q_rotation)
+    for got, want in zip(after.rotations(torch.bfloat16), rebuilt.rotations(torch.bfloat16)):
+        assert torch.equal(got, want)
+    assert after.rotations(torch.bfloat16)[0].data_ptr() == half_ptr
+
+
+@pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
+def test_bf16_queries_rotate_in_bf16_and_match_the_codec(name, gen):
+    # vLLM's queries are bf16: both rotations run as bf16 GEMMs and the output comes back bf16.
+    d, kv_heads, gqa = 128, 1, 4
+    codec = _codec(name, d, kv_heads, 16, gen)
+    seq_lens = [16, 37]
+    cache, table, _ = build_cache(codec, seq_lens, gen, num_blocks=6)
+    query = torch.randn(len(seq_lens), kv_heads * gqa, d, generator=gen).bfloat16()
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    want = paged_attention(codec, query.float(), cache, table, lens,
+                           torch.arange(len(seq_lens) + 1), d ** -0.5)
+    dev = lambda x: x.to(DEVICE)  # noqa: E731
+    got = decode_attention(codec, dev(query), dev(cache), dev(table), dev(lens), d ** -0.5,
+                           num_splits=2)
+    assert got.dtype == torch.bfloat16
+    assert _rel_err(got.float(), want) <= 1e-2
 
 
 def test_sliding_window_never_reads_pages_before_the_window(gen):

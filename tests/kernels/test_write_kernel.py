@@ -85,3 +85,25 @@ def test_repeated_writes_follow_their_arguments(gen):
         codec.write(want, s.cpu(), k_in.float(), v_in.float())
         write_kv(codec, got, s, k_in.to(DEVICE), v_in.to(DEVICE))
     assert (got.cpu() != want).float().mean().item() < 0.01
+
+
+def test_write_kernel_reads_k_and_v_in_place_from_the_fused_qkv_projection(gen):
+    # vLLM hands the backend K and V as views into one [N, (Hq + 2 Hkv) · d] QKV tensor: the
+    # kernel reads them at their token stride, and writes the same pages as from copies.
+    name, d, heads = "turboquant_3.5", 64, 2
+    codec = LayerKVCodec(page_layout(name, d, 16, heads))
+    qkv = torch.randn(40, (4 + 2) * heads * d, generator=gen)
+    k = qkv[:, 4 * heads * d: 5 * heads * d].view(40, heads, d)
+    v = qkv[:, 5 * heads * d:].view(40, heads, d)
+    assert not k.is_contiguous()
+    codec.calibrate(k.contiguous(), v.contiguous())
+    slots = torch.randperm(64, generator=gen)[:40]
+    pages = [torch.zeros(4, codec.layout.page_bytes, dtype=torch.uint8, device=DEVICE)
+             for _ in range(2)]
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    qkv_dev = on(qkv)
+    k_dev = qkv_dev[:, 4 * heads * d: 5 * heads * d].view(40, heads, d)
+    v_dev = qkv_dev[:, 5 * heads * d:].view(40, heads, d)
+    write_kv(codec, pages[0], on(slots), k_dev, v_dev)
+    write_kv(codec, pages[1], on(slots), k_dev.contiguous(), v_dev.contiguous())
+    assert torch.equal(pages[0], pages[1])

@@ -283,7 +283,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         pages = kv_cache.view(kv_cache.shape[0], -1)
         entries = self._recent_entries(layer, slot_mapping)
         recent = self.recent if entries is not None else None
-        if key.is_cuda:  # fused Triton write: no host syncs, one launch per K and V
+        if key.is_cuda:  # fused Triton write: no host syncs, one launch for K and V
             from ..kernels.cache_write import write_kv
 
             write_kv(codec, pages, slot_mapping, key, value, recent, entries)
