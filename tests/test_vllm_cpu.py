@@ -111,7 +111,10 @@ def test_format_end_to_end(fmt, texts, reference, hf_model, report):
               f"KL {pred.mean_kl:.4f}, PPL {pred.ppl:.2f}")
     assert q.positions >= 1000
     assert q.top1 >= MIN_TOP1[fmt]
-    assert abs(q.top1 - pred.top1_agreement) <= 0.03
+    # Within 4 points: vLLM's and the simulation's bf16 CPU matmuls round differently (with the
+    # machine's thread count too); 2.5_mse (top-1 0.84) measured 0.031 apart on a 2-CPU machine
+    # (2026-11-24) at a commit that was 0.03 or closer on another. A broken path is far off.
+    assert abs(q.top1 - pred.top1_agreement) <= 0.04
 
     # Prefix caching over compressed pages: the second request reuses ≥ 512 cached tokens and the
     # tokens it computes (attending through those pages) keep the same quality.
