@@ -11,9 +11,11 @@ from . import next_pow2, tq_write
 from .launch import VariantLauncher
 
 BLOCK_T = 16
-# One K+V launch of 48 decode tokens (Llama-3.1-8B KV heads, CUDA graph, H100, 2026-11-24):
-# 2 / 4 / 8 / 16 warps 131 / 19.0 / 15.0 / 18.7 us for 3.5_mse, 252 / 28.2 / 19.8 / 25.2 for 3.5.
-WRITE_WARPS = 8
+# Warps per program: 8 for decode-sized writes, 4 for prompt chunks. One K+V launch of 48
+# decode tokens (Llama-3.1-8B KV heads, CUDA graph, H100, 2026-11-24): 2 / 4 / 8 / 16 warps
+# 131 / 19.0 / 15.0 / 18.7 us for 3.5_mse, 252 / 28.2 / 19.8 / 25.2 for 3.5. At 255 registers
+# 8 warps fit one program per SM, and 48 x 8k prefill steps went 440 -> 447 ms with them.
+WRITE_WARPS, CHUNK_WRITE_WARPS, CHUNK_TOKENS = 8, 4, 512
 # At head_dim 256 the fp32 [256, 256] rotation and QJL tiles need 272 KB of shared memory (H100:
 # 227 KB), so those layers use the codec's PyTorch write until the kernel tiles its K dimension.
 MAX_HEAD_DIM = 128
@@ -91,7 +93,8 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
     staged = recent is not None  # without it the staging pointers are never dereferenced
     k_stage, v_stage, tags = (recent.key, recent.value, recent.tag) if staged else (cache,) * 3
     key, value = _rows(key[:n]), _rows(value[:n])
-    _write_launcher(codec, kconst, staged)(
+    warps = WRITE_WARPS if n <= CHUNK_TOKENS else CHUNK_WRITE_WARPS
+    _write_launcher(codec, kconst, staged, warps)(
         (triton.cdiv(n, BLOCK_T), lay.num_kv_heads, 2),
         key, value, slots, cache, *kconst.tables(), *vconst.tables(),
         entries if staged else slots, k_stage, v_stage, tags, n, key.stride(0), value.stride(0),
@@ -105,11 +108,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 and x.stride(1) == d else x.contiguous()
 
 
-def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants,
-                    staged: bool) -> VariantLauncher:
+def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants, staged: bool,
+                    warps: int) -> VariantLauncher:
     """The codec's K+V write launcher (built once: its constants are the layout's)."""
     cache = codec.__dict__.setdefault("_write_launchers", {})
-    launcher = cache.get((id(kconst), staged))  # one constants object per device
+    key = (id(kconst), staged, warps)  # one constants object per device
+    launcher = cache.get(key)
     if launcher is None:
         lay = codec.layout
         off = {name: r.offset for name, r in lay.regions.items()}
@@ -123,8 +127,8 @@ def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants,
                 f"{p}_OFF_S": off.get(f"{prefix}.signs", 0),
                 f"{p}_OFF_GO": off[f"{prefix}.gamma_o"], f"{p}_OFF_GR": off[f"{prefix}.gamma_r"],
                 f"{p}_OFF_RN": off.get(f"{prefix}.rnorm", 0)})
-        launcher = cache[(id(kconst), staged)] = VariantLauncher(
+        launcher = cache[key] = VariantLauncher(
             tq_write.tq_write_kernel, H=lay.num_kv_heads, D=lay.head_dim, N_O=codec.key.n_o,
             N_R=codec.key.n_r, N_R_PAD=kconst.n_r_pad, BS=lay.block_size, BLOCK_T=BLOCK_T,
-            HAS_STAGE=staged, num_warps=WRITE_WARPS, **per_tensor)
+            HAS_STAGE=staged, num_warps=warps, **per_tensor)
     return launcher

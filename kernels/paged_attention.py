@@ -366,18 +366,20 @@ def warm_up(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
 def _run_variants(codec: LayerKVCodec, num_q_heads: int, device: torch.device,
                   sliding_window: int | None, recent: RecentTokens | None,
                   dtype: torch.dtype) -> None:
-    from .cache_write import write_kv
+    from .cache_write import CHUNK_TOKENS, write_kv
     from .dense_context import context_span, dequantize_context
 
     lay = codec.layout
     pages = torch.zeros(2, lay.page_bytes, dtype=torch.uint8, device=device)
     table = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
     lens = torch.tensor([lay.block_size + 1], dtype=torch.int32, device=device)
-    # The write of a step's new tokens (slot -1: nothing is stored, nothing staged).
-    kv = torch.zeros(1, lay.num_kv_heads, lay.head_dim, device=device, dtype=dtype)
-    skip = torch.full((1,), -1, dtype=torch.long, device=device)
-    write_kv(codec, pages, skip, kv, kv, recent,
-             skip.int() if recent is not None else None)
+    # The writes of a decode step's and of a prompt chunk's new tokens (their own warp counts;
+    # slot -1: nothing is stored, nothing staged).
+    for n in (1, CHUNK_TOKENS + 1):
+        kv = torch.zeros(n, lay.num_kv_heads, lay.head_dim, device=device, dtype=dtype)
+        skip = torch.full((n,), -1, dtype=torch.long, device=device)
+        write_kv(codec, pages, skip, kv, kv, recent,
+                 skip.int() if recent is not None else None)
     # Decode; and over the context only, single- and multi-token tiles: the backend's mixed steps
     # (where only decodes have context the tiles are single-token). Without FlashAttention,
     # multi-token steps run causal over everything and compile at first use.

@@ -62,6 +62,10 @@ def test_steps_after_warm_up_compile_nothing(gen):
     new = torch.randn(3, HKV, D, **bf16)
     write_kv(codec, cache, torch.tensor([70, 71, -1], device=dev), new, new, recent,
              torch.tensor([5, -1, -1], dtype=torch.int32, device=dev))
+    # and a prompt chunk's write (its own warp count), nothing stored
+    chunk = torch.randn(600, HKV, D, **bf16)
+    skip = torch.full((600,), -1, device=dev)
+    write_kv(codec, cache, skip, chunk, chunk, recent, skip.int())
     assert _compiled_variants() == warmed, "a step after warm-up compiled a new variant"
 
 
