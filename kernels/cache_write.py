@@ -13,8 +13,9 @@ from .launch import VariantLauncher
 BLOCK_T = 16
 # Warps per program: 8 for decode-sized writes, 4 for prompt chunks. One K+V launch of 48
 # decode tokens (Llama-3.1-8B KV heads, CUDA graph, H100, 2026-11-24): 2 / 4 / 8 / 16 warps
-# 131 / 19.0 / 15.0 / 18.7 us for 3.5_mse, 252 / 28.2 / 19.8 / 25.2 for 3.5. At 255 registers
-# 8 warps fit one program per SM, and 48 x 8k prefill steps went 440 -> 447 ms with them.
+# 131 / 19.0 / 15.0 / 18.7 us for 3.5_mse, 252 / 28.2 / 19.8 / 25.2 for 3.5 (sm_90 builds: 8
+# warps spill nothing, 4 warps 352 / 696 B of stack). At 255 registers 8 warps fit one program
+# per SM, and 48 x 8k prefill steps went 440 -> 447 ms with them.
 WRITE_WARPS, CHUNK_WRITE_WARPS, CHUNK_TOKENS = 8, 4, 512
 # At head_dim 256 the fp32 [256, 256] rotation and QJL tiles need 272 KB of shared memory (H100:
 # 227 KB), so those layers use the codec's PyTorch write until the kernel tiles its K dimension.
