@@ -105,8 +105,7 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [N, H, d] with contiguous heads; tokens may be strided (vLLM's K and V are views into
     the fused QKV projection: reading them in place saves two copies per layer and step)."""
-    h, d = x.shape[1:]
-    return x if x.stride(2) == 1 and x.stride(1) == d else x.contiguous()
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants, staged: bool,

@@ -191,6 +191,19 @@ def _scales_of(g_o, g_r):
 
 
 @triton.jit
+def _tile_pages(start, b, lo, hi, h, CACHE, BLOCK_TABLE, stride_bt, page_bytes, head_stride,
+                BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where the tile of BLOCK_N positions at `start` lives: (pos, tok_mask, physical block,
+    [BLOCK_N] pointers to each token's head in its page, slot in the page)."""
+    pos = start + tl.arange(0, BLOCK_N)
+    # Never touch positions before the window: vLLM may have freed (and reused) those pages.
+    tok_mask = (pos < hi) & (pos >= lo)
+    phys = tl.load(BLOCK_TABLE + b * stride_bt + pos // BS, mask=tok_mask, other=0)
+    head_base = CACHE + phys.to(tl.int64) * page_bytes + h * head_stride
+    return pos, tok_mask, phys, head_base, pos % BS
+
+
+@triton.jit
 def _tile_norms(start, b, lo, hi, h, CACHE, BLOCK_TABLE, stride_bt, page_bytes, head_stride,
                 BS: tl.constexpr, BLOCK_N: tl.constexpr, OFF_KGO: tl.constexpr,
                 OFF_KGR: tl.constexpr, OFF_VGO: tl.constexpr, OFF_VGR: tl.constexpr):
@@ -198,13 +211,12 @@ def _tile_norms(start, b, lo, hi, h, CACHE, BLOCK_TABLE, stride_bt, page_bytes, 
     loads them one tile ahead: 2-byte loads are not prefetched by Triton's pipeliner (no
     cp.async below 4 bytes), and waiting for them at the top of every tile was the kernel's
     largest stall (ncu, H100: ~17% of warp samples)."""
-    pos = start + tl.arange(0, BLOCK_N)
-    tok_mask = (pos < hi) & (pos >= lo)
-    phys = tl.load(BLOCK_TABLE + b * stride_bt + pos // BS, mask=tok_mask, other=0)
-    head_base = CACHE + phys.to(tl.int64) * page_bytes + h * head_stride
-    slot = pos % BS
-    return (_norm16(head_base, slot, tok_mask, OFF_KGO), _norm16(head_base, slot, tok_mask, OFF_KGR),
-            _norm16(head_base, slot, tok_mask, OFF_VGO), _norm16(head_base, slot, tok_mask, OFF_VGR))
+    _, tok_mask, _, head_base, slot = _tile_pages(start, b, lo, hi, h, CACHE, BLOCK_TABLE,
+                                                  stride_bt, page_bytes, head_stride, BS, BLOCK_N)
+    return (_norm16(head_base, slot, tok_mask, OFF_KGO),
+            _norm16(head_base, slot, tok_mask, OFF_KGR),
+            _norm16(head_base, slot, tok_mask, OFF_VGO),
+            _norm16(head_base, slot, tok_mask, OFF_VGR))
 
 
 @triton.jit
@@ -266,12 +278,8 @@ def _tile(start, b, ring, h, lo, hi, row_len, row_lo, exact_lo, m_i, l_i, acc0, 
     CB / TAB: fp16 codebooks / look-up tables of K outliers, K regular, V outliers, V regular and
     the QJL signs (rows of 16 / 4). k_go ... v_gr: the tile's norms, loaded one tile ahead by the
     caller (_tile_norms); unused by EXACT and HAS_QJL, which load them here."""
-    pos = start + tl.arange(0, BLOCK_N)
-    # Never touch positions before the window: vLLM may have freed (and reused) those pages.
-    tok_mask = (pos < hi) & (pos >= lo)
-    phys = tl.load(BLOCK_TABLE + b * stride_bt + pos // BS, mask=tok_mask, other=0)
-    head_base = CACHE + phys.to(tl.int64) * page_bytes + h * head_stride  # [BLOCK_N] pointers
-    slot = pos % BS
+    pos, tok_mask, phys, head_base, slot = _tile_pages(
+        start, b, lo, hi, h, CACHE, BLOCK_TABLE, stride_bt, page_bytes, head_stride, BS, BLOCK_N)
     p_col = _per_token(pos, SWAP)
     visible = (p_col < _per_row(row_len, SWAP)) & (p_col >= _per_row(row_lo, SWAP)) & \
         _per_token(tok_mask, SWAP)
