@@ -20,6 +20,7 @@ WRITE_WARPS, CHUNK_WRITE_WARPS, CHUNK_TOKENS = 8, 4, 512
 # At head_dim 256 the fp32 [256, 256] rotation and QJL tiles need 272 KB of shared memory (H100:
 # 227 KB), so those layers use the codec's PyTorch write until the kernel tiles its K dimension.
 MAX_HEAD_DIM = 128
+ROTATE_BK = 32  # input channels per step of the rotation dots (tq_write._rotate_group)
 
 
 class _TensorConstants:
@@ -35,20 +36,27 @@ class _TensorConstants:
             getattr(self, name).copy_(t)
 
     def tables(self) -> tuple[torch.Tensor, ...]:
-        """In the kernel's argument order (MEAN ... S_R)."""
-        return (self.mean, self.perm, self.r_o, self.r_r, self.b_o, self.b_r, self.c_o,
-                self.c_r, self.s_o, self.s_r)
+        """In the kernel's argument order (PERM ... S_R)."""
+        return (self.perm, self.rt_o, self.rt_r, self.m_o, self.m_r, self.b_o, self.b_r,
+                self.c_o, self.c_r, self.s_o, self.s_r)
 
     def _tables(self, tc: TensorCodec, perm, mean, device) -> dict[str, torch.Tensor]:
         f32 = dict(dtype=torch.float32, device=device)
-        n_r_pad = self.n_r_pad
-        r_r = torch.zeros(n_r_pad, n_r_pad, **f32)
-        r_r[: tc.n_r, : tc.n_r] = tc.regular.rotation.to(**f32)
-        out = dict(r_o=tc.outlier.rotation.to(**f32).contiguous(), r_r=r_r,
+        n_o, n_r, n_r_pad = tc.n_o, tc.n_r, self.n_r_pad
+        r_o = tc.outlier.rotation.double()
+        r_r = torch.zeros(n_r_pad, n_r_pad, dtype=torch.float64)
+        r_r[:n_r, :n_r] = tc.regular.rotation.double()
+        # Per head, the group's mean in split order, rotated: R(x - mu) = Rx - R·mu, so the kernel
+        # rotates the model's 16-bit x exactly (below) and subtracts this.
+        mu = torch.gather(mean.double().cpu(), 1, perm.cpu().long())         # [H, d] split order
+        mu_r = torch.zeros(mu.shape[0], n_r_pad, dtype=torch.float64)
+        mu_r[:, :n_r] = mu[:, n_o:]
+        out = dict(rt_o=_tf32_pair(r_o.T), rt_r=_tf32_pair(r_r.T),
+                   m_o=(mu[:, :n_o] @ r_o.T).to(**f32), m_r=(mu_r @ r_r.T).to(**f32),
                    b_o=tc.outlier.boundaries.to(**f32), b_r=tc.regular.boundaries.to(**f32),
                    c_o=tc.outlier.centroids.to(**f32), c_r=tc.regular.centroids.to(**f32),
-                   perm=perm.to(device=device, dtype=torch.int32).contiguous(),
-                   mean=mean.to(**f32).contiguous())
+                   perm=perm.to(device=device, dtype=torch.int32).contiguous())
+        out = {k: v.to(device) for k, v in out.items()}
         if tc.fmt.has_qjl:
             s = tc.qjl.to(**f32)
             out["s_o"] = s[:, : tc.n_o].contiguous()
@@ -57,6 +65,18 @@ class _TensorConstants:
         else:  # unused by the kernel
             out["s_o"] = out["s_r"] = torch.zeros(1, **f32)
         return out
+
+
+def _tf32_pair(m: torch.Tensor) -> torch.Tensor:
+    """[2, *m.shape] fp32: m's TF32 part (low 13 mantissa bits zero) and the TF32 rounding of the
+    rest. A 16-bit x (bf16, fp16) is exact in TF32, so x·hi + x·lo in two TF32 tensor-core dots is
+    m·x to ~2^-21 relative: fp32-accurate in two dots, where tf32x3 takes three and splits both
+    operands in the kernel, the matrix again for every 16 tokens."""
+    m32 = m.float().contiguous()
+    hi = (m32.view(torch.int32) & ~0x1FFF).view(torch.float32)
+    lo = (m.double() - hi.double()).float()
+    lo = (lo.view(torch.int32) + 0x1000 & ~0x1FFF).view(torch.float32)  # round to nearest
+    return torch.stack([hi, lo]).contiguous()
 
 
 def device_constants(codec: LayerKVCodec, device) -> tuple[_TensorConstants, _TensorConstants]:
@@ -95,7 +115,7 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
     k_stage, v_stage, tags = (recent.key, recent.value, recent.tag) if staged else (cache,) * 3
     key, value = _rows(key[:n]), _rows(value[:n])
     warps = WRITE_WARPS if n <= CHUNK_TOKENS else CHUNK_WRITE_WARPS
-    _write_launcher(codec, kconst, staged, warps)(
+    _write_launcher(codec, kconst, staged, warps, key.dtype == torch.float32)(
         (triton.cdiv(n, BLOCK_T), lay.num_kv_heads, 2),
         key, value, slots, cache, *kconst.tables(), *vconst.tables(),
         entries if staged else slots, k_stage, v_stage, tags, n, key.stride(0), value.stride(0),
@@ -109,10 +129,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants, staged: bool,
-                    warps: int) -> VariantLauncher:
+                    warps: int, x_split: bool) -> VariantLauncher:
     """The codec's K+V write launcher (built once: its constants are the layout's)."""
     cache = codec.__dict__.setdefault("_write_launchers", {})
-    key = (id(kconst), staged, warps)  # one constants object per device
+    key = (id(kconst), staged, warps, x_split)  # one constants object per device
     launcher = cache.get(key)
     if launcher is None:
         lay = codec.layout
@@ -130,5 +150,5 @@ def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants, staged: bool,
         launcher = cache[key] = VariantLauncher(
             tq_write.tq_write_kernel, H=lay.num_kv_heads, D=lay.head_dim, N_O=codec.key.n_o,
             N_R=codec.key.n_r, N_R_PAD=kconst.n_r_pad, BS=lay.block_size, BLOCK_T=BLOCK_T,
-            HAS_STAGE=staged, num_warps=warps, **per_tensor)
+            HAS_STAGE=staged, BK=ROTATE_BK, X_SPLIT=x_split, num_warps=warps, **per_tensor)
     return launcher

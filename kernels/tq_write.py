@@ -1,9 +1,10 @@
 """Triton cache write: quantize new K or V vectors and store them into their slots' pages.
 
-One program per (tile of BLOCK_T tokens, KV head, K or V): remove the head's mean, gather the channel split,
-rotate each group with tl.dot (tf32x3: fp32-accurate on tensor cores), bucketize against the
-Lloyd-Max boundaries, norm-correct, and for QJL keys project the residual by S and keep its signs
-and norm; then pack the bit planes and store every region row at the token's slot (slot -1: skip).
+One program per (tile of BLOCK_T tokens, KV head, K or V): gather the channel split, rotate each
+group with TF32 tl.dots against a hi/lo split of Rᵀ made once on the host (fp32-accurate,
+_rotate_group) and subtract the head's rotated mean, bucketize against the Lloyd-Max boundaries,
+norm-correct, and for QJL keys project the residual by S and keep its signs and norm; then pack
+the bit planes and store every region row at the token's slot (slot -1: skip).
 With STAGE, tokens with a ring entry (>= 0) also keep their exact rotated vectors there, and the
 key launch tags the entry with (slot, the key norms' bits): see codec/recent.py.
 The codec's `LayerKVCodec.write` (and `RecentTokens.write`) are the oracles.
@@ -13,31 +14,56 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_group(X, MEAN, PERM, R, x_row, h, tok_mask, D: tl.constexpr, START: tl.constexpr,
-                  N: tl.constexpr, N_PAD: tl.constexpr):
-    """x[perm[START:START+N]] - mean, rotated: [BLOCK_T, N_PAD] fp32 (zero beyond N); x_row:
-    each token's vector's offset in X."""
-    c = tl.arange(0, N_PAD)
-    cmask = c < N
-    chan = tl.load(PERM + h * D + START + c, mask=cmask, other=0)
-    x = tl.load(X + x_row[:, None] + chan[None, :], mask=tok_mask[:, None] & cmask[None, :],
-                other=0.0).to(tl.float32)
-    x = x - tl.load(MEAN + h * D + chan, mask=cmask, other=0.0)[None, :]
-    rot = tl.load(R + c[:, None] * N_PAD + c[None, :])  # zero-padded [N_PAD, N_PAD]
-    return tl.dot(x, tl.trans(rot), input_precision="tf32x3")
+def _rotate_group(X, PERM, RT, RMEAN, x_row, h, tok_mask, D: tl.constexpr, START: tl.constexpr,
+                  N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+                  X_SPLIT: tl.constexpr):
+    """R(x[perm[START:START+N]] - mean): [BLOCK_T, N_PAD] fp32 (zero beyond N); x_row: each
+    token's vector's offset in X. RT: Rᵀ [N_PAD, N_PAD] as a TF32 pair (hi, lo: cache_write.
+    _tf32_pair), RMEAN: the rotated means [H, N_PAD]. BK input channels at a time, so Triton
+    streams Rᵀ's rows through shared memory (cp.async) instead of holding the matrix in registers.
+    A 16-bit x is exact in TF32: x·hi + x·lo is fp32-accurate; an fp32 x (X_SPLIT) adds its low
+    part times hi."""
+    n = tl.arange(0, N_PAD)
+    acc = tl.zeros([x_row.shape[0], N_PAD], dtype=tl.float32)
+    STEP: tl.constexpr = BK if BK < N_PAD else N_PAD
+    for k0 in tl.range(0, N_PAD, STEP):
+        k = k0 + tl.arange(0, STEP)
+        kmask = k < N
+        chan = tl.load(PERM + h * D + START + k, mask=kmask, other=0)
+        x = tl.load(X + x_row[:, None] + chan[None, :], mask=tok_mask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        hi = tl.load(RT + k[:, None] * N_PAD + n[None, :])
+        lo = tl.load(RT + N_PAD * N_PAD + k[:, None] * N_PAD + n[None, :])
+        if X_SPLIT:
+            x_hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            acc = tl.dot(x - x_hi, hi, acc, input_precision="tf32")
+            x = x_hi
+        acc = tl.dot(x, hi, acc, input_precision="tf32")
+        acc = tl.dot(x, lo, acc, input_precision="tf32")
+    return acc - tl.load(RMEAN + h * N_PAD + n)[None, :]
 
 
 @triton.jit
 def _quantize_group(x_rot, BOUNDS, CENT, N: tl.constexpr, N_PAD: tl.constexpr,
-                    BITS: tl.constexpr, NORM_CORRECTION: tl.constexpr):
-    """→ (codes int32 [BT, N_PAD], gamma fp32 [BT] rounded through fp16, reconstruction [BT, N_PAD])."""
+                    BITS: tl.constexpr, NORM_CORRECTION: tl.constexpr, GATHER: tl.constexpr):
+    """→ (codes int32 [BT, N_PAD], gamma fp32 [BT] rounded through fp16, reconstruction [BT, N_PAD]).
+    Each code's centroid by a select chain on the boundaries' scalars (Triton moved the pointer
+    tensors of a per-element gather between layouts through shared memory; H100, 16,384-token
+    3.5_mse write 540 -> 510 us), or by that gather (GATHER: QJL keys, where the chain's registers
+    made the write spill, 891 -> 979 us)."""
     norm = tl.sqrt(tl.sum(x_rot * x_rot, 1))
     unit = x_rot / tl.maximum(norm, 1e-30)[:, None]
     code = tl.zeros(x_rot.shape, dtype=tl.int32)
+    cent = tl.zeros(x_rot.shape, dtype=tl.float32) + tl.load(CENT)
     for j in tl.static_range((1 << BITS) - 1):
-        code += (unit > tl.load(BOUNDS + j)).to(tl.int32)
+        up = unit > tl.load(BOUNDS + j)  # boundaries ascend: the last one passed picks
+        code += up.to(tl.int32)
+        if not GATHER:
+            cent = tl.where(up, tl.load(CENT + j + 1), cent)
+    if GATHER:
+        cent = tl.load(CENT + code)
     # Padded lanes (channels N..N_PAD) must not count in the norm correction.
-    cent = tl.where((tl.arange(0, N_PAD) < N)[None, :], tl.load(CENT + code), 0.0)
+    cent = tl.where((tl.arange(0, N_PAD) < N)[None, :], cent, 0.0)
     if NORM_CORRECTION:
         gamma = norm / tl.sqrt(tl.sum(cent * cent, 1))
     else:
@@ -68,12 +94,12 @@ def _store_norm(head_base, off, tok_mask, value, OFF: tl.constexpr):
 @triton.jit(do_not_specialize=["num_tokens", "stride_k", "stride_v"])  # nor batch sizes
 def tq_write_kernel(
     XK, XV, SLOTS, CACHE,
-    K_MEAN, K_PERM, K_R_O, K_R_R, K_B_O, K_B_R, K_C_O, K_C_R, K_S_O, K_S_R,
-    V_MEAN, V_PERM, V_R_O, V_R_R, V_B_O, V_B_R, V_C_O, V_C_R, V_S_O, V_S_R,
+    K_PERM, K_RT_O, K_RT_R, K_M_O, K_M_R, K_B_O, K_B_R, K_C_O, K_C_R, K_S_O, K_S_R,
+    V_PERM, V_RT_O, V_RT_R, V_M_O, V_M_R, V_B_O, V_B_R, V_C_O, V_C_R, V_S_O, V_S_R,
     ENTRIES, K_STAGE, V_STAGE, TAG, num_tokens, stride_k, stride_v, page_bytes, head_stride,
     H: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
     N_R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, HAS_STAGE: tl.constexpr,
-    K_BO: tl.constexpr, K_BR: tl.constexpr, K_QJL: tl.constexpr, K_NC: tl.constexpr,
+    BK: tl.constexpr, X_SPLIT: tl.constexpr, K_BO: tl.constexpr, K_BR: tl.constexpr, K_QJL: tl.constexpr, K_NC: tl.constexpr,
     K_OFF_CO: tl.constexpr, K_OFF_CR: tl.constexpr, K_OFF_S: tl.constexpr,
     K_OFF_GO: tl.constexpr, K_OFF_GR: tl.constexpr, K_OFF_RN: tl.constexpr,
     V_BO: tl.constexpr, V_BR: tl.constexpr, V_QJL: tl.constexpr, V_NC: tl.constexpr,
@@ -83,26 +109,28 @@ def tq_write_kernel(
     """Grid (token tiles, KV heads, 2): the last axis picks K or V, so one launch writes both
     (two launches cost ~11 us each at a 48-token decode step on the H100: latency, not work)."""
     if tl.program_id(2) == 0:
-        _write(XK, SLOTS, CACHE, K_MEAN, K_PERM, K_R_O, K_R_R, K_B_O, K_B_R, K_C_O, K_C_R,
-               K_S_O, K_S_R, ENTRIES, K_STAGE, TAG, num_tokens, stride_k, page_bytes, head_stride,
+        _write(XK, SLOTS, CACHE, K_PERM, K_RT_O, K_RT_R, K_M_O, K_M_R, K_B_O, K_B_R, K_C_O,
+               K_C_R, K_S_O, K_S_R, ENTRIES, K_STAGE, TAG, num_tokens, stride_k, page_bytes, head_stride,
                H, D, N_O, N_R, N_R_PAD, BS, BLOCK_T, K_BO, K_BR, K_QJL, K_NC, K_OFF_CO,
-               K_OFF_CR, K_OFF_S, K_OFF_GO, K_OFF_GR, K_OFF_RN, HAS_STAGE, True)
+               K_OFF_CR, K_OFF_S, K_OFF_GO, K_OFF_GR, K_OFF_RN, HAS_STAGE, True, BK, X_SPLIT)
     else:
-        _write(XV, SLOTS, CACHE, V_MEAN, V_PERM, V_R_O, V_R_R, V_B_O, V_B_R, V_C_O, V_C_R,
-               V_S_O, V_S_R, ENTRIES, V_STAGE, TAG, num_tokens, stride_v, page_bytes, head_stride,
+        _write(XV, SLOTS, CACHE, V_PERM, V_RT_O, V_RT_R, V_M_O, V_M_R, V_B_O, V_B_R, V_C_O,
+               V_C_R, V_S_O, V_S_R, ENTRIES, V_STAGE, TAG, num_tokens, stride_v, page_bytes, head_stride,
                H, D, N_O, N_R, N_R_PAD, BS, BLOCK_T, V_BO, V_BR, V_QJL, V_NC, V_OFF_CO,
-               V_OFF_CR, V_OFF_S, V_OFF_GO, V_OFF_GR, V_OFF_RN, HAS_STAGE, False)
+               V_OFF_CR, V_OFF_S, V_OFF_GO, V_OFF_GR, V_OFF_RN, HAS_STAGE, False, BK, X_SPLIT)
 
 
 @triton.jit
 def _write(
-    X, SLOTS, CACHE, MEAN, PERM, R_O, R_R, B_O, B_R, C_O, C_R, S_O, S_R, ENTRIES, STAGE, TAG,
+    X, SLOTS, CACHE, PERM, RT_O, RT_R, M_O, M_R, B_O, B_R, C_O, C_R, S_O, S_R, ENTRIES, STAGE,
+    TAG,
     num_tokens, stride_x, page_bytes, head_stride,
     H: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
     N_R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, BO: tl.constexpr,
     BR: tl.constexpr, HAS_QJL: tl.constexpr, NORM_CORRECTION: tl.constexpr,
     OFF_CO: tl.constexpr, OFF_CR: tl.constexpr, OFF_S: tl.constexpr, OFF_GO: tl.constexpr,
     OFF_GR: tl.constexpr, OFF_RN: tl.constexpr, HAS_STAGE: tl.constexpr, IS_KEY: tl.constexpr,
+    BK: tl.constexpr, X_SPLIT: tl.constexpr,
 ):
     """One (token tile, KV head) of K or V (X [N, H, D], tokens stride_x apart)."""
     h = tl.program_id(1)
@@ -113,10 +141,13 @@ def _write(
     head_base = CACHE + (slot // BS) * page_bytes + h * head_stride
     off = slot % BS
 
-    x_o = _rotate_group(X, MEAN, PERM, R_O, x_row, h, tok_mask, D, 0, N_O, N_O)
-    x_r = _rotate_group(X, MEAN, PERM, R_R, x_row, h, tok_mask, D, N_O, N_R, N_R_PAD)
-    code_o, gamma_o, rec_o = _quantize_group(x_o, B_O, C_O, N_O, N_O, BO, NORM_CORRECTION)
-    code_r, gamma_r, rec_r = _quantize_group(x_r, B_R, C_R, N_R, N_R_PAD, BR, NORM_CORRECTION)
+    x_o = _rotate_group(X, PERM, RT_O, M_O, x_row, h, tok_mask, D, 0, N_O, N_O, BK, X_SPLIT)
+    x_r = _rotate_group(X, PERM, RT_R, M_R, x_row, h, tok_mask, D, N_O, N_R, N_R_PAD, BK,
+                        X_SPLIT)
+    code_o, gamma_o, rec_o = _quantize_group(x_o, B_O, C_O, N_O, N_O, BO, NORM_CORRECTION,
+                                             HAS_QJL)
+    code_r, gamma_r, rec_r = _quantize_group(x_r, B_R, C_R, N_R, N_R_PAD, BR, NORM_CORRECTION,
+                                             HAS_QJL)
     _store_planes(head_base, off, tok_mask, code_o, OFF_CO, N_O, N_O, BO)
     _store_planes(head_base, off, tok_mask, code_r, OFF_CR, N_R, N_R_PAD, BR)
     _store_norm(head_base, off, tok_mask, gamma_o, OFF_GO)

@@ -11,16 +11,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize("name", list(FORMATS))
 @pytest.mark.parametrize("d,heads", [(64, 2), (128, 1), (256, 1)])
-def test_write_kernel_matches_the_codec(name, d, heads, gen):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kernel_matches_the_codec(name, d, heads, dtype, gen):
+    """fp32 inputs take the kernel's three-dot rotation, 16-bit ones (exact in TF32) two dots."""
     lay = page_layout(name, d, 16, heads)
     codec = LayerKVCodec(lay)
-    k = torch.randn(40, heads, d, generator=gen) * 2 + 0.5
-    v = torch.randn(40, heads, d, generator=gen)
-    codec.calibrate(k, v)
+    k = (torch.randn(40, heads, d, generator=gen) * 2 + 0.5).to(dtype)
+    v = torch.randn(40, heads, d, generator=gen).to(dtype)
+    codec.calibrate(k.float(), v.float())
     slots = torch.randperm(4 * 16, generator=gen)[:40]
     slots[[3, 17]] = -1  # padding
     want = torch.zeros(4, lay.page_bytes, dtype=torch.uint8)
-    codec.write(want, slots, k, v)
+    codec.write(want, slots, k.float(), v.float())
     got = torch.zeros(4, lay.page_bytes, dtype=torch.uint8, device=DEVICE)
     write_kv(codec, got, slots.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
     got = got.cpu()
