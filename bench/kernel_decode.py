@@ -1,4 +1,5 @@
-"""Decode attention kernel time: TurboQuant Triton kernel vs FlashAttention-3 on bf16 and fp8 pages.
+"""Decode attention kernel time: TurboQuant Triton kernel vs FlashAttention-3 on bf16 and fp8 pages
+and vLLM's own TURBOQUANT decode kernel.
 
     python bench/kernel_decode.py [--contexts 1024,4096,16384,32768] [--batches 1,8,32] [--out F]
 
@@ -67,6 +68,32 @@ def turboquant_case(fmt: str, batch: int, ctx: int, exact: int = 0, **tuning):
     fn = lambda: decode_attention(codec, q, cache, table, lens, D ** -0.5, recent=recent,  # noqa: E731
                                   **tuning)
     return fn, batch * ctx * HKV * codec.layout.slot_bytes
+
+
+def upstream_case(preset: str, batch: int, ctx: int):
+    """vLLM 0.26's own TURBOQUANT decode (`triton_turboquant_decode_attention`, as its backend
+    calls it: 32 fixed KV splits, a random orthogonal rotation, the preset's Lloyd-Max
+    centroids) over random packed slots [num_blocks, BS, HKV, slot] (timing only: random codes,
+    norms and value scales are all read the same way)."""
+    from vllm.model_executor.layers.quantization.turboquant.centroids import get_centroids
+    from vllm.model_executor.layers.quantization.turboquant.config import TurboQuantConfig
+    from vllm.v1.attention.ops.triton_turboquant_decode import triton_turboquant_decode_attention
+
+    cfg = TurboQuantConfig.from_cache_dtype(preset, D)
+    blocks_per_seq = triton.cdiv(ctx, BS)
+    num_blocks = batch * blocks_per_seq
+    cache = torch.randint(0, 256, (num_blocks, BS, HKV, cfg.slot_size_aligned), dtype=torch.uint8,
+                          device="cuda")
+    table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    pi = torch.linalg.qr(torch.randn(D, D, device="cuda"))[0]
+    centroids = get_centroids(D, cfg.centroid_bits).to(device="cuda", dtype=torch.float32)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: triton_turboquant_decode_attention(  # noqa: E731
+        q, cache, table, lens, pi, centroids, D ** -0.5, cfg.key_mse_bits, cfg.key_packed_size,
+        cfg.effective_value_quant_bits, key_fp8=cfg.key_fp8, norm_correction=cfg.norm_correction,
+        PiT=pi.T.contiguous(), max_num_kv_splits=32)
+    return fn, batch * ctx * HKV * cfg.slot_size
 
 
 def fa3_pages(batch: int, ctx: int, dtype: torch.dtype, hkv: int = HKV, d: int = D):
@@ -151,6 +178,8 @@ def main() -> None:
     ap.add_argument("--swap", choices=("default", "both"), default="default",
                     help="both: also time each format in tq_attention's SWAP orientation (query "
                          "rows as the mma's N dimension) and in the other one")
+    ap.add_argument("--upstream", default="turboquant_4bit_nc",
+                    help="vLLM's own TURBOQUANT presets to time too (its decode kernel; '' for none)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true",
                     help="time BLOCK_N x num_warps x num_stages x programs and exit")
@@ -167,6 +196,8 @@ def main() -> None:
         for ctx in map(int, args.contexts.split(",")):
             cases = [("FA3 bf16", lambda: fa3_case(batch, ctx, False)),
                      ("FA3 fp8", lambda: fa3_case(batch, ctx, True))]
+            for preset in filter(None, args.upstream.split(",")):
+                cases.append((f"upstream {preset}", lambda p=preset: upstream_case(p, batch, ctx)))
             swaps = {"default": [True], "both": [False, True]}[args.swap]
             for f in args.formats.split(","):
                 for swap in swaps:
