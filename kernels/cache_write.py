@@ -11,11 +11,10 @@ from . import next_pow2, tq_write
 from .launch import VariantLauncher
 
 BLOCK_T = 16
-# Warps per program: 8 for decode-sized writes, 4 for prompt chunks. One K+V launch of 48
-# decode tokens (Llama-3.1-8B KV heads, CUDA graph, H100, 2026-11-24): 2 / 4 / 8 / 16 warps
-# 131 / 19.0 / 15.0 / 18.7 us for 3.5_mse, 252 / 28.2 / 19.8 / 25.2 for 3.5 (sm_90 builds: 8
-# warps spill nothing, 4 warps 352 / 696 B of stack). At 255 registers 8 warps fit one program
-# per SM, and 48 x 8k prefill steps went 440 -> 447 ms with them.
+# Warps per program: 8 for decode-sized writes, 4 for prompt chunks (H100, one K+V launch under
+# a CUDA graph, 3.5_mse, a1d7621: 48 tokens 14.9 us with 8 warps vs 15.2 with 4; 16,384 tokens
+# 511 us with 4 vs 690 with 8). Larger token tiles for chunks were slower (32 or 64 tokens:
+# 592-1066 us), so every write keeps BLOCK_T tokens per program (docs/e2e_decode.md).
 WRITE_WARPS, CHUNK_WRITE_WARPS, CHUNK_TOKENS = 8, 4, 512
 # At head_dim 256 the fp32 [256, 256] rotation and QJL tiles need 272 KB of shared memory (H100:
 # 227 KB), so those layers use the codec's PyTorch write until the kernel tiles its K dimension.
@@ -41,11 +40,11 @@ class _TensorConstants:
                 self.c_o, self.c_r, self.s_o, self.s_r)
 
     def _tables(self, tc: TensorCodec, perm, mean, device) -> dict[str, torch.Tensor]:
-        f32 = dict(dtype=torch.float32, device=device)
+        f32 = dict(dtype=torch.float32)  # built on the host, moved once below
         n_o, n_r, n_r_pad = tc.n_o, tc.n_r, self.n_r_pad
-        r_o = tc.outlier.rotation.double()
+        r_o = tc.outlier.rotation.cpu().double()
         r_r = torch.zeros(n_r_pad, n_r_pad, dtype=torch.float64)
-        r_r[:n_r, :n_r] = tc.regular.rotation.double()
+        r_r[:n_r, :n_r] = tc.regular.rotation.cpu().double()
         # Per head, the group's mean in split order, rotated: R(x - mu) = Rx - R·mu, so the kernel
         # rotates the model's 16-bit x exactly (below) and subtracts this.
         mu = torch.gather(mean.double().cpu(), 1, perm.cpu().long())         # [H, d] split order
@@ -55,16 +54,15 @@ class _TensorConstants:
                    m_o=(mu[:, :n_o] @ r_o.T).to(**f32), m_r=(mu_r @ r_r.T).to(**f32),
                    b_o=tc.outlier.boundaries.to(**f32), b_r=tc.regular.boundaries.to(**f32),
                    c_o=tc.outlier.centroids.to(**f32), c_r=tc.regular.centroids.to(**f32),
-                   perm=perm.to(device=device, dtype=torch.int32).contiguous())
-        out = {k: v.to(device) for k, v in out.items()}
+                   perm=perm.to(torch.int32))
         if tc.fmt.has_qjl:
-            s = tc.qjl.to(**f32)
-            out["s_o"] = s[:, : tc.n_o].contiguous()
+            s = tc.qjl.cpu().to(**f32)
+            out["s_o"] = s[:, : tc.n_o]
             out["s_r"] = torch.zeros(tc.head_dim, n_r_pad, **f32)
             out["s_r"][:, : tc.n_r] = s[:, tc.n_o:]
         else:  # unused by the kernel
             out["s_o"] = out["s_r"] = torch.zeros(1, **f32)
-        return out
+        return {k: v.to(device).contiguous() for k, v in out.items()}
 
 
 def _tf32_pair(m: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,8 @@ def _rotate_group(X, PERM, RT, RMEAN, x_row, h, tok_mask, D: tl.constexpr, START
 @triton.jit
 def _quantize_group(x_rot, BOUNDS, CENT, N: tl.constexpr, N_PAD: tl.constexpr,
                     BITS: tl.constexpr, NORM_CORRECTION: tl.constexpr, GATHER: tl.constexpr):
-    """→ (codes int32 [BT, N_PAD], gamma fp32 [BT] rounded through fp16, reconstruction [BT, N_PAD]).
+    """→ (codes int32 [BT, N_PAD], gamma fp32 [BT] rounded through fp16, reconstruction
+    [BT, N_PAD]).
     Each code's centroid by a select chain on the boundaries' scalars (Triton moved the pointer
     tensors of a per-element gather between layouts through shared memory; H100, 16,384-token
     3.5_mse write 540 -> 510 us), or by that gather (GATHER: QJL keys, where the chain's registers
@@ -99,7 +100,8 @@ def tq_write_kernel(
     ENTRIES, K_STAGE, V_STAGE, TAG, num_tokens, stride_k, stride_v, page_bytes, head_stride,
     H: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
     N_R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, HAS_STAGE: tl.constexpr,
-    BK: tl.constexpr, X_SPLIT: tl.constexpr, K_BO: tl.constexpr, K_BR: tl.constexpr, K_QJL: tl.constexpr, K_NC: tl.constexpr,
+    BK: tl.constexpr, X_SPLIT: tl.constexpr,
+    K_BO: tl.constexpr, K_BR: tl.constexpr, K_QJL: tl.constexpr, K_NC: tl.constexpr,
     K_OFF_CO: tl.constexpr, K_OFF_CR: tl.constexpr, K_OFF_S: tl.constexpr,
     K_OFF_GO: tl.constexpr, K_OFF_GR: tl.constexpr, K_OFF_RN: tl.constexpr,
     V_BO: tl.constexpr, V_BR: tl.constexpr, V_QJL: tl.constexpr, V_NC: tl.constexpr,
@@ -110,12 +112,14 @@ def tq_write_kernel(
     (two launches cost ~11 us each at a 48-token decode step on the H100: latency, not work)."""
     if tl.program_id(2) == 0:
         _write(XK, SLOTS, CACHE, K_PERM, K_RT_O, K_RT_R, K_M_O, K_M_R, K_B_O, K_B_R, K_C_O,
-               K_C_R, K_S_O, K_S_R, ENTRIES, K_STAGE, TAG, num_tokens, stride_k, page_bytes, head_stride,
+               K_C_R, K_S_O, K_S_R, ENTRIES, K_STAGE, TAG, num_tokens, stride_k, page_bytes,
+               head_stride,
                H, D, N_O, N_R, N_R_PAD, BS, BLOCK_T, K_BO, K_BR, K_QJL, K_NC, K_OFF_CO,
                K_OFF_CR, K_OFF_S, K_OFF_GO, K_OFF_GR, K_OFF_RN, HAS_STAGE, True, BK, X_SPLIT)
     else:
         _write(XV, SLOTS, CACHE, V_PERM, V_RT_O, V_RT_R, V_M_O, V_M_R, V_B_O, V_B_R, V_C_O,
-               V_C_R, V_S_O, V_S_R, ENTRIES, V_STAGE, TAG, num_tokens, stride_v, page_bytes, head_stride,
+               V_C_R, V_S_O, V_S_R, ENTRIES, V_STAGE, TAG, num_tokens, stride_v, page_bytes,
+               head_stride,
                H, D, N_O, N_R, N_R_PAD, BS, BLOCK_T, V_BO, V_BR, V_QJL, V_NC, V_OFF_CO,
                V_OFF_CR, V_OFF_S, V_OFF_GO, V_OFF_GR, V_OFF_RN, HAS_STAGE, False, BK, X_SPLIT)
 
@@ -123,8 +127,7 @@ def tq_write_kernel(
 @triton.jit
 def _write(
     X, SLOTS, CACHE, PERM, RT_O, RT_R, M_O, M_R, B_O, B_R, C_O, C_R, S_O, S_R, ENTRIES, STAGE,
-    TAG,
-    num_tokens, stride_x, page_bytes, head_stride,
+    TAG, num_tokens, stride_x, page_bytes, head_stride,
     H: tl.constexpr, D: tl.constexpr, N_O: tl.constexpr, N_R: tl.constexpr,
     N_R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, BO: tl.constexpr,
     BR: tl.constexpr, HAS_QJL: tl.constexpr, NORM_CORRECTION: tl.constexpr,

@@ -27,7 +27,8 @@ def test_decode_variants_compile_for_sm90_within_their_registers(name, report):
     assert used["tail"]["REG"] < 255 and used["tail"]["STACK"] <= 64
 
 
-@pytest.mark.parametrize("tokens", [48, 1024])  # a decode step's write (8 warps), a prompt chunk's (4)
+# A decode step's write (8 warps) and a prompt chunk's (4).
+@pytest.mark.parametrize("tokens", [48, 1024])
 def test_mse_cache_write_compiles_for_sm90_without_spills(tokens, report):
     import torch
 
