@@ -16,10 +16,14 @@ BLOCK_T = 16
 # 511 us with 4 vs 690 with 8). Larger token tiles for chunks were slower (32 or 64 tokens:
 # 592-1066 us), so every write keeps BLOCK_T tokens per program (docs/e2e_decode.md).
 WRITE_WARPS, CHUNK_WRITE_WARPS, CHUNK_TOKENS = 8, 4, 512
+# Rows of Rᵀ (and Sᵀ's columns) per step of the rotation (and QJL) dots, tq_write._rotate_group,
+# and pipeline stages. Two stages, not Triton's three: the streamed tiles' shared memory (66 KB,
+# 102 KB with QJL keys) capped an SM at 3 (2) programs. H100, 16,384 tokens, 4 warps: 3.5_mse
+# 510 -> 444 us, 3.5 868 -> 711; 48 tokens, 8 warps, 64 rows a step: 14.8 -> 14.0, 22.3 -> 20.0.
+WRITE_STAGES, ROTATE_BK, CHUNK_ROTATE_BK = 2, 64, 32
 # At head_dim 256 the fp32 [256, 256] rotation and QJL tiles need 272 KB of shared memory (H100:
 # 227 KB), so those layers use the codec's PyTorch write until the kernel tiles its K dimension.
 MAX_HEAD_DIM = 128
-ROTATE_BK = 32  # input channels per step of the rotation dots (tq_write._rotate_group)
 
 
 class _TensorConstants:
@@ -56,10 +60,12 @@ class _TensorConstants:
                    c_o=tc.outlier.centroids.to(**f32), c_r=tc.regular.centroids.to(**f32),
                    perm=perm.to(torch.int32))
         if tc.fmt.has_qjl:
-            s = tc.qjl.cpu().to(**f32)
-            out["s_o"] = s[:, : tc.n_o]
-            out["s_r"] = torch.zeros(tc.head_dim, n_r_pad, **f32)
-            out["s_r"][:, : tc.n_r] = s[:, tc.n_o:]
+            # Sᵀ's rows of each group (zero rows in the padding), as TF32 pairs [2, n, d].
+            s = tc.qjl.cpu().double()
+            s_r = torch.zeros(n_r_pad, tc.head_dim, dtype=torch.float64)
+            s_r[:n_r] = s[:, n_o:].T
+            out["s_o"] = _tf32_pair(s[:, :n_o].T)
+            out["s_r"] = _tf32_pair(s_r)
         else:  # unused by the kernel
             out["s_o"] = out["s_r"] = torch.zeros(1, **f32)
         return {k: v.to(device).contiguous() for k, v in out.items()}
@@ -112,8 +118,8 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
     staged = recent is not None  # without it the staging pointers are never dereferenced
     k_stage, v_stage, tags = (recent.key, recent.value, recent.tag) if staged else (cache,) * 3
     key, value = _rows(key[:n]), _rows(value[:n])
-    warps = WRITE_WARPS if n <= CHUNK_TOKENS else CHUNK_WRITE_WARPS
-    _write_launcher(codec, kconst, staged, warps, key.dtype == torch.float32)(
+    chunk = n > CHUNK_TOKENS
+    _write_launcher(codec, kconst, staged, chunk, key.dtype == torch.float32)(
         (triton.cdiv(n, BLOCK_T), lay.num_kv_heads, 2),
         key, value, slots, cache, *kconst.tables(), *vconst.tables(),
         entries if staged else slots, k_stage, v_stage, tags, n, key.stride(0), value.stride(0),
@@ -127,10 +133,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants, staged: bool,
-                    warps: int, x_split: bool) -> VariantLauncher:
-    """The codec's K+V write launcher (built once: its constants are the layout's)."""
+                    chunk: bool, x_split: bool) -> VariantLauncher:
+    """The codec's K+V write launcher (built once: its constants are the layout's) for decode-
+    sized writes or prompt chunks (`chunk`)."""
     cache = codec.__dict__.setdefault("_write_launchers", {})
-    key = (id(kconst), staged, warps, x_split)  # one constants object per device
+    key = (id(kconst), staged, chunk, x_split)  # one constants object per device
     launcher = cache.get(key)
     if launcher is None:
         lay = codec.layout
@@ -148,5 +155,7 @@ def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants, staged: bool,
         launcher = cache[key] = VariantLauncher(
             tq_write.tq_write_kernel, H=lay.num_kv_heads, D=lay.head_dim, N_O=codec.key.n_o,
             N_R=codec.key.n_r, N_R_PAD=kconst.n_r_pad, BS=lay.block_size, BLOCK_T=BLOCK_T,
-            HAS_STAGE=staged, BK=ROTATE_BK, X_SPLIT=x_split, num_warps=warps, **per_tensor)
+            HAS_STAGE=staged, BK=CHUNK_ROTATE_BK if chunk else ROTATE_BK, X_SPLIT=x_split,
+            num_warps=CHUNK_WRITE_WARPS if chunk else WRITE_WARPS, num_stages=WRITE_STAGES,
+            **per_tensor)
     return launcher

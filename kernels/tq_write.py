@@ -35,7 +35,7 @@ def _rotate_group(X, PERM, RT, RMEAN, x_row, h, tok_mask, D: tl.constexpr, START
         hi = tl.load(RT + k[:, None] * N_PAD + n[None, :])
         lo = tl.load(RT + N_PAD * N_PAD + k[:, None] * N_PAD + n[None, :])
         if X_SPLIT:
-            x_hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            x_hi = _tf32_hi(x)
             acc = tl.dot(x - x_hi, hi, acc, input_precision="tf32")
             x = x_hi
         acc = tl.dot(x, hi, acc, input_precision="tf32")
@@ -45,13 +45,12 @@ def _rotate_group(X, PERM, RT, RMEAN, x_row, h, tok_mask, D: tl.constexpr, START
 
 @triton.jit
 def _quantize_group(x_rot, BOUNDS, CENT, N: tl.constexpr, N_PAD: tl.constexpr,
-                    BITS: tl.constexpr, NORM_CORRECTION: tl.constexpr, GATHER: tl.constexpr):
+                    BITS: tl.constexpr, NORM_CORRECTION: tl.constexpr):
     """→ (codes int32 [BT, N_PAD], gamma fp32 [BT] rounded through fp16, reconstruction
     [BT, N_PAD]).
     Each code's centroid by a select chain on the boundaries' scalars (Triton moved the pointer
     tensors of a per-element gather between layouts through shared memory; H100, 16,384-token
-    3.5_mse write 540 -> 510 us), or by that gather (GATHER: QJL keys, where the chain's registers
-    made the write spill, 891 -> 979 us)."""
+    3.5_mse write 540 -> 510 us)."""
     norm = tl.sqrt(tl.sum(x_rot * x_rot, 1))
     unit = x_rot / tl.maximum(norm, 1e-30)[:, None]
     code = tl.zeros(x_rot.shape, dtype=tl.int32)
@@ -59,10 +58,7 @@ def _quantize_group(x_rot, BOUNDS, CENT, N: tl.constexpr, N_PAD: tl.constexpr,
     for j in tl.static_range((1 << BITS) - 1):
         up = unit > tl.load(BOUNDS + j)  # boundaries ascend: the last one passed picks
         code += up.to(tl.int32)
-        if not GATHER:
-            cent = tl.where(up, tl.load(CENT + j + 1), cent)
-    if GATHER:
-        cent = tl.load(CENT + code)
+        cent = tl.where(up, tl.load(CENT + j + 1), cent)
     # Padded lanes (channels N..N_PAD) must not count in the norm correction.
     cent = tl.where((tl.arange(0, N_PAD) < N)[None, :], cent, 0.0)
     if NORM_CORRECTION:
@@ -75,15 +71,56 @@ def _quantize_group(x_rot, BOUNDS, CENT, N: tl.constexpr, N_PAD: tl.constexpr,
 
 @triton.jit
 def _store_planes(head_base, off, tok_mask, code, OFF: tl.constexpr, N: tl.constexpr,
-                  N_PAD: tl.constexpr, BITS: tl.constexpr):
+                  N_PAD: tl.constexpr, BITS: tl.constexpr, byte0=0):
+    """b-bit codes [BT, N_PAD] of N channels as BITS planes of N / 8 bytes per token; the codes
+    may be a slice of the plane starting at byte byte0 (then N_PAD counts the slice)."""
     j = tl.arange(0, N_PAD // 8)
     shifts = tl.arange(0, 8)
-    mask = tok_mask[:, None] & (j < N // 8)[None, :]
+    mask = tok_mask[:, None] & (byte0 + j < N // 8)[None, :]
     grouped = tl.reshape(code, [code.shape[0], N_PAD // 8, 8])
-    row = head_base + OFF + off * (BITS * (N // 8))
+    row = head_base + OFF + off * (BITS * (N // 8)) + byte0
     for k in tl.static_range(BITS):
         byte = tl.sum(((grouped >> k) & 1) << shifts[None, None, :], 2)
         tl.store(row[:, None] + k * (N // 8) + j[None, :], byte.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _tf32_hi(x):
+    """x with its low 13 mantissa bits cleared: exact in TF32, and x - hi is TF32-exact to 2^-22."""
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_signs(head_base, off, tok_mask, res_o, res_r, S_O, S_R, D: tl.constexpr,
+                 N_O: tl.constexpr, N_R_PAD: tl.constexpr, BK: tl.constexpr, OFF_S: tl.constexpr):
+    """QJL sign bits of S·r (r = (res_o, res_r) [BT, N_O + N_R_PAD], S [D, d]) at OFF_S.
+    S_O / S_R: Sᵀ's rows of each group as TF32 pairs [2, N, D] (cache_write._tf32_pair). BK
+    projections per loop step, so Sᵀ streams through shared memory: the whole fp32 matrix with
+    tf32x3 (split in the kernel, per 16 tokens) held 255 registers and 472 B of stack. Three TF32
+    dots (r_hi·S_hi + r_lo·S_hi + r_hi·S_lo) are as accurate as tf32x3."""
+    ro_hi = _tf32_hi(res_o)
+    ro_lo = res_o - ro_hi
+    rr_hi = _tf32_hi(res_r)
+    rr_lo = res_r - rr_hi
+    k_o = tl.arange(0, N_O)
+    k_r = tl.arange(0, N_R_PAD)
+    STEP: tl.constexpr = BK if BK < D else D
+    for d0 in tl.range(0, D, STEP):
+        dd = d0 + tl.arange(0, STEP)
+        so = S_O + k_o[:, None] * D + dd[None, :]
+        sr = S_R + k_r[:, None] * D + dd[None, :]
+        so_hi = tl.load(so)
+        so_lo = tl.load(so + N_O * D)
+        sr_hi = tl.load(sr)
+        sr_lo = tl.load(sr + N_R_PAD * D)
+        proj = tl.dot(ro_hi, so_hi, input_precision="tf32")
+        proj = tl.dot(ro_lo, so_hi, proj, input_precision="tf32")
+        proj = tl.dot(ro_hi, so_lo, proj, input_precision="tf32")
+        proj = tl.dot(rr_hi, sr_hi, proj, input_precision="tf32")
+        proj = tl.dot(rr_lo, sr_hi, proj, input_precision="tf32")
+        proj = tl.dot(rr_hi, sr_lo, proj, input_precision="tf32")
+        _store_planes(head_base, off, tok_mask, (proj >= 0).to(tl.int32), OFF_S, D, STEP, 1,
+                      d0 // 8)
 
 
 @triton.jit
@@ -147,10 +184,8 @@ def _write(
     x_o = _rotate_group(X, PERM, RT_O, M_O, x_row, h, tok_mask, D, 0, N_O, N_O, BK, X_SPLIT)
     x_r = _rotate_group(X, PERM, RT_R, M_R, x_row, h, tok_mask, D, N_O, N_R, N_R_PAD, BK,
                         X_SPLIT)
-    code_o, gamma_o, rec_o = _quantize_group(x_o, B_O, C_O, N_O, N_O, BO, NORM_CORRECTION,
-                                             HAS_QJL)
-    code_r, gamma_r, rec_r = _quantize_group(x_r, B_R, C_R, N_R, N_R_PAD, BR, NORM_CORRECTION,
-                                             HAS_QJL)
+    code_o, gamma_o, rec_o = _quantize_group(x_o, B_O, C_O, N_O, N_O, BO, NORM_CORRECTION)
+    code_r, gamma_r, rec_r = _quantize_group(x_r, B_R, C_R, N_R, N_R_PAD, BR, NORM_CORRECTION)
     _store_planes(head_base, off, tok_mask, code_o, OFF_CO, N_O, N_O, BO)
     _store_planes(head_base, off, tok_mask, code_r, OFF_CR, N_R, N_R_PAD, BR)
     _store_norm(head_base, off, tok_mask, gamma_o, OFF_GO)
@@ -173,11 +208,7 @@ def _write(
     if HAS_QJL:
         res_o = x_o - rec_o
         res_r = x_r - rec_r  # zero in the padded lanes
-        d = tl.arange(0, D)
-        s_o = tl.load(S_O + d[:, None] * N_O + tl.arange(0, N_O)[None, :])        # S[:, :n_o]
-        s_r = tl.load(S_R + d[:, None] * N_R_PAD + tl.arange(0, N_R_PAD)[None, :])  # S[:, n_o:]
-        proj = tl.dot(res_o, tl.trans(s_o), input_precision="tf32x3")
-        proj += tl.dot(res_r, tl.trans(s_r), input_precision="tf32x3")
-        _store_planes(head_base, off, tok_mask, (proj >= 0).to(tl.int32), OFF_S, D, D, 1)
+        _store_signs(head_base, off, tok_mask, res_o, res_r, S_O, S_R, D, N_O, N_R_PAD, BK,
+                     OFF_S)
         rnorm = tl.sqrt(tl.sum(res_o * res_o, 1) + tl.sum(res_r * res_r, 1))
         _store_norm(head_base, off, tok_mask, tl.minimum(rnorm, 65504.0), OFF_RN)

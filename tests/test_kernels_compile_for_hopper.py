@@ -27,16 +27,17 @@ def test_decode_variants_compile_for_sm90_within_their_registers(name, report):
     assert used["tail"]["REG"] < 255 and used["tail"]["STACK"] <= 64
 
 
-# A decode step's write (8 warps) and a prompt chunk's (4).
+# A decode step's write (8 warps) and a prompt chunk's (4), MSE keys and QJL keys.
+@pytest.mark.parametrize("name", ["turboquant_3.5_mse", "turboquant_3.5"])
 @pytest.mark.parametrize("tokens", [48, 1024])
-def test_mse_cache_write_compiles_for_sm90_without_spills(tokens, report):
+def test_cache_write_compiles_for_sm90_without_spills(name, tokens, report):
     import torch
 
     from vllm_turboquant.codec import LayerKVCodec, RecentTokens, page_layout
     from vllm_turboquant.kernels.cache_write import write_kv
     from vllm_turboquant.kernels.offline_compile import capture_launches
 
-    codec = LayerKVCodec(page_layout("turboquant_3.5_mse", 128, 16, 8))
+    codec = LayerKVCodec(page_layout(name, 128, 16, 8))
     codec.calibrate(torch.randn(16, 8, 128), torch.randn(16, 8, 128))
     kv = torch.randn(tokens, 8, 128, dtype=torch.bfloat16)
     slots = torch.arange(tokens)
@@ -45,9 +46,10 @@ def test_mse_cache_write_compiles_for_sm90_without_spills(tokens, report):
                  slots, kv, kv, RecentTokens(tokens, 64, 8, 128, "cpu"), slots.int())
     (kernel, args, constexprs), = seen
     r = resources(compile_variant(kernel, args, constexprs).asm["cubin"])
-    report(f"sm_90 cache write, 3.5_mse, {tokens} tokens ({constexprs['num_warps']} warps): "
+    report(f"sm_90 cache write, {name}, {tokens} tokens ({constexprs['num_warps']} warps): "
            f"{r['REG']} registers, {r['STACK']} B stack")
     # Measured (H100): with the rotation matrix in registers (tf32x3) this build sat at 255
     # registers with 400 B of stack at 4 warps and took 779 us for 16,384 tokens; streamed through
-    # shared memory, 128 registers, no stack, 513 us.
+    # shared memory, 128 registers, no stack, 513 us. QJL keys' S projection likewise: 255
+    # registers and 472 B of stack (turboquant_3.5, 1,024 tokens) before it streamed Sᵀ.
     assert r["STACK"] == 0 and r["REG"] < 255
