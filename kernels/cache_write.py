@@ -21,8 +21,9 @@ WRITE_WARPS, CHUNK_WRITE_WARPS, CHUNK_TOKENS = 8, 4, 512
 # 102 KB with QJL keys) capped an SM at 3 (2) programs. H100, 16,384 tokens, 4 warps: 3.5_mse
 # 510 -> 444 us, 3.5 868 -> 711; 48 tokens, 8 warps, 64 rows a step: 14.8 -> 14.0, 22.3 -> 20.0.
 WRITE_STAGES, ROTATE_BK, CHUNK_ROTATE_BK = 2, 64, 32
-# At head_dim 256 the fp32 [256, 256] rotation and QJL tiles need 272 KB of shared memory (H100:
-# 227 KB), so those layers use the codec's PyTorch write until the kernel tiles its K dimension.
+# head_dim 256 layers use the codec's PyTorch write. With the matrices streamed, the kernel now
+# fits there too (sm_90 offline: 67-205 KB of shared memory of 227, no spills but 40 B at 4
+# warps with QJL keys), but it has not run on a GPU at that size yet.
 MAX_HEAD_DIM = 128
 
 

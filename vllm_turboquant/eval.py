@@ -260,11 +260,12 @@ def _meta(cfg, head_dim, n_windows, window, lengths, needle) -> dict:
 
 
 def commit_id() -> str:
-    """Short commit of this checkout; TQ_COMMIT where there is no .git (a copied tree)."""
+    """Short commit of this checkout, "-dirty" when tracked files differ from it (a tree copied
+    over an older .git, as on the GPU machine, shows as such); TQ_COMMIT overrides."""
     if os.environ.get("TQ_COMMIT"):
         return os.environ["TQ_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT,
                              capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out = ""
