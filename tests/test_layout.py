@@ -62,3 +62,15 @@ def test_unknown_format_lists_ours():
 def test_block_size_must_keep_regions_aligned():
     with pytest.raises(ValueError, match="multiple of 16"):
         page_layout("turboquant_3.5", 128, 8, 1)
+
+
+def test_our_3_5_bit_formats_take_at_most_0_9x_the_bytes_of_vllms_turboquant_4bit_nc():
+    """The quality issue's byte budget, against vLLM's own preset as vLLM sizes it."""
+    pytest.importorskip("vllm")
+    from vllm_turboquant.eval import bytes_per_token_head
+
+    for d in (64, 128, 256):
+        upstream = bytes_per_token_head("turboquant_4bit_nc", d)
+        assert upstream == d // 2 + 2 + d // 2 + 4  # 4-bit keys + norm, 4-bit values + scale, zero
+        for name in ("turboquant_3.5", "turboquant_3.5_mse", "turboquant_3.5_kb"):
+            assert bytes_per_token_head(name, d) <= 0.9 * upstream

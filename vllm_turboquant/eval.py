@@ -66,6 +66,14 @@ def bytes_per_token_head(dtype: str, head_dim: int) -> float | None:
         return 4.0 * head_dim
     if dtype.startswith("fp8"):
         return 2.0 * head_dim
+    if dtype.startswith("turboquant_"):  # vLLM's own presets (turboquant_4bit_nc, ...)
+        try:
+            from vllm.model_executor.layers.quantization.turboquant.config import (
+                TurboQuantConfig)
+
+            return float(TurboQuantConfig.from_cache_dtype(dtype, head_dim).slot_size_aligned)
+        except (ImportError, ValueError, KeyError):
+            return None
     return None
 
 
