@@ -8,7 +8,7 @@ from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 from vllm_turboquant.codec.quantizer import TensorCodec
 
 from . import next_pow2, tq_write
-from .launch import VariantLauncher
+from .launch import VariantLauncher, shared_memory_limit
 
 BLOCK_T = 16
 # Warps per program: 8 for decode-sized writes, 4 for prompt chunks (H100, one K+V launch under
@@ -21,6 +21,9 @@ WRITE_WARPS, CHUNK_WRITE_WARPS, CHUNK_TOKENS = 8, 4, 512
 # 102 KB with QJL keys) capped an SM at 3 (2) programs. H100, 16,384 tokens, 4 warps: 3.5_mse
 # 510 -> 444 us, 3.5 868 -> 711; 48 tokens, 8 warps, 64 rows a step: 14.8 -> 14.0, 22.3 -> 20.0.
 WRITE_STAGES, ROTATE_BK, CHUNK_ROTATE_BK = 2, 64, 32
+# 64 rows a step need 102 KB of shared memory with QJL keys (sm_89 build); GPUs with less per
+# program than this (Ada, consumer Blackwell: 99 KB) take 32 rows for every write.
+WIDE_ROTATE_MIN_SHARED = 128 << 10
 # head_dim 256 layers use the codec's PyTorch write. With the matrices streamed, the kernel now
 # fits there too (sm_90 offline: 67-205 KB of shared memory of 227, no spills but 40 B at 4
 # warps with QJL keys), but it has not run on a GPU at that size yet.
@@ -120,7 +123,9 @@ def write_kv(codec: LayerKVCodec, cache: torch.Tensor, slots: torch.Tensor, key:
     k_stage, v_stage, tags = (recent.key, recent.value, recent.tag) if staged else (cache,) * 3
     key, value = _rows(key[:n]), _rows(value[:n])
     chunk = n > CHUNK_TOKENS
-    _write_launcher(codec, kconst, staged, chunk, key.dtype == torch.float32)(
+    bk = CHUNK_ROTATE_BK if chunk or shared_memory_limit(cache.device) < WIDE_ROTATE_MIN_SHARED \
+        else ROTATE_BK
+    _write_launcher(codec, kconst, staged, chunk, bk, key.dtype == torch.float32)(
         (triton.cdiv(n, BLOCK_T), lay.num_kv_heads, 2),
         key, value, slots, cache, *kconst.tables(), *vconst.tables(),
         entries if staged else slots, k_stage, v_stage, tags, n, key.stride(0), value.stride(0),
@@ -134,11 +139,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants, staged: bool,
-                    chunk: bool, x_split: bool) -> VariantLauncher:
+                    chunk: bool, bk: int, x_split: bool) -> VariantLauncher:
     """The codec's K+V write launcher (built once: its constants are the layout's) for decode-
-    sized writes or prompt chunks (`chunk`)."""
+    sized writes or prompt chunks (`chunk`), bk rows of the matrices per step."""
     cache = codec.__dict__.setdefault("_write_launchers", {})
-    key = (id(kconst), staged, chunk, x_split)  # one constants object per device
+    key = (id(kconst), staged, chunk, bk, x_split)  # one constants object per device
     launcher = cache.get(key)
     if launcher is None:
         lay = codec.layout
@@ -156,7 +161,7 @@ def _write_launcher(codec: LayerKVCodec, kconst: _TensorConstants, staged: bool,
         launcher = cache[key] = VariantLauncher(
             tq_write.tq_write_kernel, H=lay.num_kv_heads, D=lay.head_dim, N_O=codec.key.n_o,
             N_R=codec.key.n_r, N_R_PAD=kconst.n_r_pad, BS=lay.block_size, BLOCK_T=BLOCK_T,
-            HAS_STAGE=staged, BK=CHUNK_ROTATE_BK if chunk else ROTATE_BK, X_SPLIT=x_split,
+            HAS_STAGE=staged, BK=bk, X_SPLIT=x_split,
             num_warps=CHUNK_WRITE_WARPS if chunk else WRITE_WARPS, num_stages=WRITE_STAGES,
             **per_tensor)
     return launcher

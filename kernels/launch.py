@@ -16,6 +16,7 @@ thread pool (Triton's AsyncCompileMode) instead of running it; leaving the block
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +26,69 @@ from contextvars import ContextVar
 import torch
 
 _COMPILE_ONLY: ContextVar[bool] = ContextVar("turboquant_compile_only", default=False)
+# Shared memory per program: 227 KB on Hopper and datacenter Blackwell, 163 KB on the A100, 99 KB
+# on Ada, consumer Ampere and consumer Blackwell. Our variants are tuned on the H100; where one
+# does not fit, Triton refuses to load it (OutOfResources), and `launch` retries it with fewer
+# software-pipeline stages (each stage buffers the loop's streamed tiles once more), remembering
+# the count that fits for the rest of the process.
+TRITON_DEFAULT_STAGES = 3
+_FITTED_STAGES: dict = {}
+
+
+class SharedMemoryError(RuntimeError):
+    """A kernel variant needs more shared memory than this GPU has, even unpipelined."""
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on `device` (unbounded off CUDA)."""
+    if device.type != "cuda":
+        return 1 << 30
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs):
     """kernel[grid](*args, **kwargs), returning what Triton returns (the compiled kernel on a
-    GPU); inside `compiling_only()`, only its compile is submitted (no launch) and None returned."""
+    GPU); inside `compiling_only()`, only its compile is submitted (no launch) and None returned.
+    A variant too large for this GPU's shared memory runs with fewer pipeline stages; with one
+    stage still too large, SharedMemoryError says so and what to use instead."""
+    key = _variant_key(kernel, kwargs)
+    if key in _FITTED_STAGES:
+        kwargs = dict(kwargs, num_stages=_FITTED_STAGES[key])
     if _COMPILE_ONLY.get():
         kernel.warmup(*args, grid=grid, **kwargs)
         return None
-    return kernel[grid](*args, **kwargs)
+    from triton.runtime.errors import OutOfResources
+
+    while True:
+        try:
+            return kernel[grid](*args, **kwargs)
+        except OutOfResources as e:
+            stages = kwargs.get("num_stages") or TRITON_DEFAULT_STAGES
+            if e.name != "shared memory":
+                raise
+            if stages <= 1:
+                raise SharedMemoryError(
+                    f"TurboQuant kernel {_name(kernel)} needs {e.required} bytes of shared memory "
+                    f"per program even without pipelining; this GPU allows {e.limit}. This model's "
+                    "head size needs a GPU with more shared memory for TurboQuant (H100, A100): "
+                    "use --kv-cache-dtype auto or fp8 on this one.") from e
+            kwargs = dict(kwargs, num_stages=stages - 1)
+            if key is not None:
+                _FITTED_STAGES[key] = stages - 1
+
+
+def _name(kernel) -> str:
+    return getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+
+
+def _variant_key(kernel, kwargs: dict):
+    key = (kernel, tuple(sorted(kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _interpreted() -> bool:
