@@ -18,10 +18,14 @@ import torch
 from vllm_turboquant.codec import LayerKVCodec, RecentTokens
 
 from . import to_device_async, tq_dequant
-from .launch import launch
+from .launch import launch, shared_memory_limit
 from .paged_attention import AttentionConstants, page_constants
 
 BLOCK_N = 64  # positions per program
+# The per-head [d, d] matrices of one tl.dot need 160 KB of shared memory at head_dim 256 (sm_89
+# build); GPUs with less per program than this (Ada, consumer Blackwell: 99 KB) take the
+# matrices in two column blocks (tq_dequant.OUT_SPLIT).
+FULL_MATRIX_MIN_SHARED = 160 << 10
 
 
 @dataclass
@@ -81,5 +85,11 @@ def dequantize_context(codec: LayerKVCodec, cache: torch.Tensor, block_table: to
         block_table.stride(0), lay.page_bytes, lay.head_stride, seq_lens.shape[0],
         recent.ring_of_row.shape[0] if recent is not None else 0,
         recent.window if recent is not None else 1,
-        BLOCK_N=BLOCK_N, **page_constants(codec, c, cache.device, recent), num_warps=num_warps)
+        BLOCK_N=BLOCK_N, OUT_SPLIT=out_split(lay.head_dim, cache.device),
+        **page_constants(codec, c, cache.device, recent), num_warps=num_warps)
     return k, v
+
+
+def out_split(head_dim: int, device: torch.device) -> int:
+    """Column blocks the dense read takes its back-rotation in (tq_dequant.OUT_SPLIT)."""
+    return 1 if head_dim <= 128 or shared_memory_limit(device) >= FULL_MATRIX_MIN_SHARED else 2

@@ -18,19 +18,38 @@ from .tq_attention import (_chunk, _chunk_channels, _exact_copies, _find_seq, _n
 
 
 @triton.jit
-def _rows(M, h, c: tl.constexpr, D: tl.constexpr, DC: tl.constexpr):
-    """Rows c·DC .. c·DC + DC - 1 of head h's [D, D] matrix, fp16 [DC, D]."""
+def _rows(M, h, c: tl.constexpr, o, D: tl.constexpr, DC: tl.constexpr, DO: tl.constexpr):
+    """Rows c·DC .. c·DC + DC - 1, columns o·DO .. o·DO + DO - 1 of head h's [D, D] matrix, fp16
+    [DC, DO]."""
     r = c * DC + tl.arange(0, DC)
-    return tl.load(M + h * D * D + r[:, None] * D + tl.arange(0, D)[None, :]).to(tl.float16)
+    cols = o * DO + tl.arange(0, DO)
+    return tl.load(M + h * D * D + r[:, None] * D + cols[None, :]).to(tl.float16)
 
 
 @triton.jit
-def _back(x0, x1, M, h, D: tl.constexpr, DC: tl.constexpr):
-    """[x0 | x1] (fp16 [BLOCK_N, D] in tile order, as chunks) @ M[h] → fp32 [BLOCK_N, D]."""
-    y = tl.dot(x0, _rows(M, h, 0, D, DC))
+def _back(x0, x1, M, h, o, D: tl.constexpr, DC: tl.constexpr, DO: tl.constexpr):
+    """[x0 | x1] (fp16 [BLOCK_N, D] in tile order, as chunks) @ M[h][:, o·DO:(o+1)·DO] → fp32
+    [BLOCK_N, DO]."""
+    y = tl.dot(x0, _rows(M, h, 0, o, D, DC, DO))
     if DC < D:
-        y += tl.dot(x1, _rows(M, h, 1, D, DC))
+        y += tl.dot(x1, _rows(M, h, 1, o, D, DC, DO))
     return y
+
+
+@triton.jit
+def _store_block(x, ST, ent, ex, M, MEAN, OUT, rows, tok_mask, h, o, D: tl.constexpr,
+                 DC: tl.constexpr, DO: tl.constexpr, U: tl.constexpr, HAS_RECENT: tl.constexpr):
+    """Column block o of K or V (x fp32 [BLOCK_N, DO], original channels): exact copies (entries
+    ent where ex) replace their decoded tokens, the head's mean is added, and the rows stored."""
+    if HAS_RECENT:
+        if tl.max(ex.to(tl.int32), 0) > 0:  # only the context's newest tiles have copies
+            C1: tl.constexpr = (D - DC) // DC  # chunk 1 (with one chunk: 0 again, unused)
+            xe = _back(_staged(ST, ent, ex, _chunk_channels(0, DC, U), D),
+                       _staged(ST, ent, ex, _chunk_channels(C1, DC, U), D), M, h, o, D, DC, DO)
+            x = tl.where(ex[:, None], xe, x)
+    cols = o * DO + tl.arange(0, DO)
+    x += tl.load(MEAN + h * D + cols)[None, :]
+    tl.store(OUT + rows + cols[None, :], x.to(OUT.dtype.element_ty), mask=tok_mask[:, None])
 
 
 # Runtime sizes must not specialise the kernel (a new batch would recompile).
@@ -42,7 +61,7 @@ def tq_dequant_kernel(
     HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, N_O: tl.constexpr, U: tl.constexpr,
     BS: tl.constexpr, BLOCK_N: tl.constexpr, KBO: tl.constexpr, KBR: tl.constexpr,
     VBO: tl.constexpr, VBR: tl.constexpr, HAS_QJL: tl.constexpr, HAS_RECENT: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr, OUT_SPLIT: tl.constexpr,
     OFF_KCO: tl.constexpr, OFF_KCR: tl.constexpr, OFF_KS: tl.constexpr, OFF_KGO: tl.constexpr,
     OFF_KGR: tl.constexpr, OFF_KRN: tl.constexpr, OFF_VCO: tl.constexpr, OFF_VCR: tl.constexpr,
     OFF_VGO: tl.constexpr, OFF_VGR: tl.constexpr,
@@ -60,6 +79,18 @@ def tq_dequant_kernel(
     head_base = CACHE + phys.to(tl.int64) * page_bytes + h * head_stride
     slot = pos % BS
 
+    # Each tensor is decoded once, then taken back to the original channels OUT_SPLIT column
+    # blocks at a time (2 where one [D, D] matrix per dot does not fit shared memory: head_dim
+    # 256 on 99 KB GPUs) and stored; K is stored before V is decoded (fewer live registers).
+    ent = pos.to(tl.int64)
+    ex = pos < 0  # no exact copies
+    if HAS_RECENT:
+        seq_len = tl.load(SEQ_LENS + b)
+        ring, exact_lo = _ring(ST_ROW, b, st_rows, seq_len, st_window)
+        ent, ex = _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, ring, h, exact_lo,
+                                st_window, HKV, BS, OFF_KGO, OFF_KGR)
+    rows = ((first_key + i).to(tl.int64) * HKV + h)[:, None] * D
+
     k_scale, k_rho = _scales(head_base, slot, tok_mask, OFF_KGO, OFF_KGR)
     k0 = _chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 0, OFF_KCO, OFF_KCR, D, DC, N_O, KBO,
                 KBR, U, USE_ASM)
@@ -67,14 +98,22 @@ def tq_dequant_kernel(
     if DC < D:
         k1 = _chunk(head_base, slot, tok_mask, k_rho, CB, TAB, 1, OFF_KCO, OFF_KCR, D, DC, N_O,
                     KBO, KBR, U, USE_ASM)
-    k = _back(k0, k1, K_BACK, h, D, DC) * k_scale[:, None]
+    s0 = k0
+    s1 = k1
+    rnorm = k_scale
     if HAS_QJL:
         s0 = _sign_chunk(head_base, slot, tok_mask, CB, TAB, 0, OFF_KS, D, DC, U, USE_ASM)
         s1 = s0
         if DC < D:
             s1 = _sign_chunk(head_base, slot, tok_mask, CB, TAB, 1, OFF_KS, D, DC, U, USE_ASM)
         rnorm = _norm16(head_base, slot, tok_mask, OFF_KRN).to(tl.float32)
-        k += _back(s0, s1, QJL_BACK, h, D, DC) * rnorm[:, None]
+    for o in tl.static_range(OUT_SPLIT):
+        k = _back(k0, k1, K_BACK, h, o, D, DC, D // OUT_SPLIT) * k_scale[:, None]
+        if HAS_QJL:
+            k += _back(s0, s1, QJL_BACK, h, o, D, DC, D // OUT_SPLIT) * rnorm[:, None]
+        _store_block(k, ST_K, ent, ex, K_BACK, K_MEAN, OUT_K, rows, tok_mask, h, o, D, DC,
+                     D // OUT_SPLIT, U, HAS_RECENT)
+
     v_scale, v_rho = _scales(head_base, slot, tok_mask, OFF_VGO, OFF_VGR)
     v0 = _chunk(head_base, slot, tok_mask, v_rho, CB + 32, TAB + 8, 0, OFF_VCO, OFF_VCR, D, DC,
                 N_O, VBO, VBR, U, USE_ASM)
@@ -82,27 +121,7 @@ def tq_dequant_kernel(
     if DC < D:
         v1 = _chunk(head_base, slot, tok_mask, v_rho, CB + 32, TAB + 8, 1, OFF_VCO, OFF_VCR, D,
                     DC, N_O, VBO, VBR, U, USE_ASM)
-    v = _back(v0, v1, V_BACK, h, D, DC) * v_scale[:, None]
-
-    if HAS_RECENT:
-        seq_len = tl.load(SEQ_LENS + b)
-        ring, exact_lo = _ring(ST_ROW, b, st_rows, seq_len, st_window)
-        ent, ex = _exact_copies(ST_TAG, head_base, phys, pos, tok_mask, ring, h, exact_lo,
-                                st_window, HKV, BS, OFF_KGO, OFF_KGR)
-        if tl.max(ex.to(tl.int32), 0) > 0:  # only the context's newest tiles can have copies
-            c0 = _chunk_channels(0, DC, U)
-            C1: tl.constexpr = (D - DC) // DC  # chunk 1 (with one chunk: 0 again, unused)
-            c1 = _chunk_channels(C1, DC, U)
-            ke = _back(_staged(ST_K, ent, ex, c0, D), _staged(ST_K, ent, ex, c1, D), K_BACK, h,
-                       D, DC)
-            ve = _back(_staged(ST_V, ent, ex, c0, D), _staged(ST_V, ent, ex, c1, D), V_BACK, h,
-                       D, DC)
-            k = tl.where(ex[:, None], ke, k)
-            v = tl.where(ex[:, None], ve, v)
-
-    cols = tl.arange(0, D)
-    k += tl.load(K_MEAN + h * D + cols)[None, :]
-    v += tl.load(V_MEAN + h * D + cols)[None, :]
-    out = ((first_key + i).to(tl.int64) * HKV + h)[:, None] * D + cols[None, :]
-    tl.store(OUT_K + out, k.to(OUT_K.dtype.element_ty), mask=tok_mask[:, None])
-    tl.store(OUT_V + out, v.to(OUT_V.dtype.element_ty), mask=tok_mask[:, None])
+    for o in tl.static_range(OUT_SPLIT):
+        v = _back(v0, v1, V_BACK, h, o, D, DC, D // OUT_SPLIT) * v_scale[:, None]
+        _store_block(v, ST_V, ent, ex, V_BACK, V_MEAN, OUT_V, rows, tok_mask, h, o, D, DC,
+                     D // OUT_SPLIT, U, HAS_RECENT)
