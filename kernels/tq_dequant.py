@@ -7,8 +7,9 @@ One program per (tile of BLOCK_N positions of one sequence's range, KV head). Th
 exactly as the attention kernel does (tq_attention.py: register look-ups, per-token scales, tile
 order, channel chunks), then taken back to the original channels by one tl.dot per chunk with a
 per-head matrix that folds the inverse rotation, the tile order and the outlier split (and for QJL
-keys Sᵀ and its constant), plus the per-head mean. Exact copies of the newest tokens replace their
-decoded tokens, as in the attention kernel.
+keys Sᵀ and its constant), plus the per-head mean; in OUT_SPLIT column blocks of that matrix
+where a whole one would not fit the GPU's shared memory. Exact copies of the newest tokens
+replace their decoded tokens, as in the attention kernel.
 """
 import triton
 import triton.language as tl

@@ -51,21 +51,17 @@ def test_device_limit_clips_host_upper_bounds(gen):
     assert got_k.shape[0] == 83 and _rel_err(got_k, want_k) <= 1e-2
 
 
-@pytest.fixture(params=["full", "split"])
-def matrix_blocks(request, monkeypatch):
-    """The back-rotation as one matrix per dot, or in two column blocks as on GPUs with 99 KB of
-    shared memory per program (head_dim 256 only)."""
-    if request.param == "split":
-        monkeypatch.setattr(dense_context, "shared_memory_limit", lambda device: 99 << 10)
-    return request.param
-
-
 @pytest.mark.parametrize("name", ["turboquant_3.5", "turboquant_3.5_mse"])
-@pytest.mark.parametrize("d,kv_heads", [(64, 2), (256, 1)])
+@pytest.mark.parametrize("d,kv_heads,blocks", [(64, 2, "full"), (256, 1, "full"),
+                                               (256, 1, "split")])
 @pytest.mark.parametrize("rings", [None, [1, 0, -1]])
-def test_exact_copies_replace_their_decoded_tokens(name, d, kv_heads, rings, gen, matrix_blocks):
-    if matrix_blocks == "split" and dense_context.out_split(d, torch.device(DEVICE)) == 1:
-        pytest.skip("only head_dim 256 splits")
+def test_exact_copies_replace_their_decoded_tokens(name, d, kv_heads, blocks, rings, gen,
+                                                   monkeypatch):
+    # blocks: the back-rotation as one matrix per dot, or in two column blocks as on GPUs with
+    # 99 KB of shared memory per program (head_dim 256 only).
+    if blocks == "split":
+        monkeypatch.setattr(dense_context, "shared_memory_limit", lambda device: 99 << 10)
+        assert dense_context.out_split(d, torch.device(DEVICE)) == 2
     # Row 0 staged and current, row 1's newest slots rewritten by another request (stale copies),
     # row 2 without a ring (rings: each batch row's ring; by default the row itself).
     window = 32
