@@ -21,6 +21,7 @@ from vllm_turboquant.codec import LayerKVCodec, RecentTokens, page_layout
 from vllm_turboquant.kernels import cache_write
 
 from bench_env import commit_id  # bench/ is on sys.path when run as a script
+from kernel_decode import graphed
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 SHIPPED = (cache_write.WRITE_STAGES, cache_write.ROTATE_BK, cache_write.CHUNK_ROTATE_BK,
@@ -28,12 +29,7 @@ SHIPPED = (cache_write.WRITE_STAGES, cache_write.ROTATE_BK, cache_write.CHUNK_RO
 
 
 def graph_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay) * 1e3
+    return triton.testing.do_bench(graphed(fn)) * 1e3
 
 
 def use_variant(variant: str) -> None:

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 _COMPILE_ONLY: ContextVar[bool] = ContextVar("turboquant_compile_only", default=False)
 # Shared memory per program: 227 KB on Hopper and datacenter Blackwell, 163 KB on the A100, 99 KB
@@ -52,14 +53,14 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs):
     GPU); inside `compiling_only()`, only its compile is submitted (no launch) and None returned.
     A variant too large for this GPU's shared memory runs with fewer pipeline stages; with one
     stage still too large, SharedMemoryError says so and what to use instead."""
-    key = _variant_key(kernel, kwargs)
-    if key in _FITTED_STAGES:
-        kwargs = dict(kwargs, num_stages=_FITTED_STAGES[key])
+    asked = kwargs
+    if _FITTED_STAGES:  # only on GPUs where some variant did not fit: no hashing otherwise
+        key = _variant_key(kernel, asked)
+        if key in _FITTED_STAGES:
+            kwargs = dict(kwargs, num_stages=_FITTED_STAGES[key])
     if _COMPILE_ONLY.get():
         kernel.warmup(*args, grid=grid, **kwargs)
         return None
-    from triton.runtime.errors import OutOfResources
-
     while True:
         try:
             return kernel[grid](*args, **kwargs)
@@ -74,6 +75,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs):
                     "head size needs a GPU with more shared memory for TurboQuant (H100, A100): "
                     "use --kv-cache-dtype auto or fp8 on this one.") from e
             kwargs = dict(kwargs, num_stages=stages - 1)
+            key = _variant_key(kernel, asked)  # the variant as callers ask for it
             if key is not None:
                 _FITTED_STAGES[key] = stages - 1
 
